@@ -51,14 +51,10 @@ def top_k(scores: np.ndarray, k: int, mask: np.ndarray | None = None) -> np.ndar
     if n == 0 or k <= 0:
         return np.empty(0, dtype=np.int64)
     k = min(k, n)
-    if k < len(s):
-        part = np.argpartition(-s, k - 1)[:k]
-    else:
-        part = np.arange(len(s))
-    part = part[np.isfinite(s[part])]
-    # lexsort: primary key -score, secondary key row index -> deterministic order
-    order = np.lexsort((part, -s[part]))
-    return part[order][:k]
+    kth = -np.partition(-s, k - 1)[k - 1]  # the k-th highest score
+    cand = np.flatnonzero(s >= kth)  # everything above it plus all ties at it, so the tie-break below is exact
+    order = np.lexsort((cand, -s[cand]))  # primary: score descending; secondary: row index ascending
+    return cand[order][:k]
 
 
 def to_candidates(name: str, catalog: Catalog, scores: np.ndarray, rows: np.ndarray) -> list[Candidate]:

@@ -1,0 +1,192 @@
+"""Fusion of several retrievers by weighted reciprocal rank fusion (RRF), with weights per request mode.
+
+Each signal contributes w_s / (k_rrf + rank_s(item)) for the items in its own top-`depth` list (after the
+request's filters). RRF is used rather than score blending because the signals' scores live on unrelated
+scales (logits, BM25, cosine, counts). The weights per mode can be fitted on validation cases
+(`fit_weights`), which is how the fused list comes to beat each single signal instead of averaging them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from retrieval.base import Retriever, top_k
+from retrieval.catalog import Catalog
+from retrieval.types import Candidate, RetrievalRequest, SignalEvidence
+
+MODES = ("user", "query", "cart")
+
+# Hand-set defaults, used until weights are fitted on validation data: behaviour signals lead for
+# recommendations, text signals for search, co-occurrence ("bought next") for carts; popularity is a weak prior
+# that mostly matters for cold users, where it is the only signal left.
+DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
+    "user": {"sasrec": 1.0, "itemknn": 1.0, "dense": 0.3, "bm25": 0.1, "popularity": 0.2},
+    "query": {"bm25": 1.0, "dense": 1.0, "sasrec": 0.2, "itemknn": 0.2, "popularity": 0.1},
+    "cart": {"itemknn": 1.0, "sasrec": 0.5, "dense": 0.4, "bm25": 0.0, "popularity": 0.1},
+}
+
+
+@dataclass
+class FusionConfig:
+    """How signals are fused. `weights[mode][signal]`; a missing signal weighs 0."""
+
+    weights: dict[str, dict[str, float]] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_WEIGHTS)))
+    rrf_k: float = 60.0  # the classic RRF constant; fitted together with the weights when data is available
+    depth: int = 200  # how deep each signal's own list is read
+
+    def __post_init__(self) -> None:
+        for mode, ws in self.weights.items():
+            if mode not in MODES:
+                raise ValueError(f"fusion weights: unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+            for name, w in ws.items():
+                if not (w >= 0 and math.isfinite(w)):
+                    raise ValueError(f"fusion weight for {mode}/{name} must be a finite number >= 0, got {w}")
+        if self.rrf_k < 0:
+            raise ValueError(f"rrf_k must be >= 0, got {self.rrf_k}")
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"weights": self.weights, "rrf_k": self.rrf_k, "depth": self.depth}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> FusionConfig:
+        return cls(
+            weights={m: dict(ws) for m, ws in dict(d["weights"]).items()},  # type: ignore[call-overload]
+            rrf_k=float(d.get("rrf_k", 60.0)),  # type: ignore[arg-type]
+            depth=int(d.get("depth", 200)),  # type: ignore[call-overload]
+        )
+
+
+SignalLists = dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (rows best first, their raw scores)
+
+
+class FusionRetriever:
+    """Weighted RRF over named retrievers; itself a `Retriever` (name "fusion")."""
+
+    name = "fusion"
+
+    def __init__(self, catalog: Catalog, retrievers: Sequence[Retriever], config: FusionConfig | None = None):
+        self.catalog = catalog
+        self.retrievers = {r.name: r for r in retrievers}
+        self.config = config or FusionConfig()
+
+    def signal_lists(self, request: RetrievalRequest, names: Sequence[str] | None = None) -> SignalLists:
+        """Each applicable signal's own filtered top-`depth` rows and scores."""
+        mask = self.catalog.mask(request.filters, request.history)
+        if request.cart:
+            mask[self.catalog.rows(request.cart)] = False
+        weights = self.config.weights.get(request.mode, {})
+        out: SignalLists = {}
+        for name, retriever in self.retrievers.items():
+            if names is None and weights.get(name, 0.0) <= 0:
+                continue  # a zero-weight signal costs nothing
+            if names is not None and name not in names:
+                continue
+            scores = retriever.score(request)
+            if scores is None:
+                continue
+            rows = top_k(scores, self.config.depth, mask)
+            if len(rows):
+                out[name] = (rows, scores[rows])
+        return out
+
+    def fuse(self, lists: SignalLists, mode: str) -> np.ndarray:
+        """Fused RRF scores for all rows (-inf for rows no signal retrieved)."""
+        return fuse_lists(lists, self.config.weights.get(mode, {}), self.config.rrf_k, len(self.catalog))
+
+    def score(self, request: RetrievalRequest) -> np.ndarray | None:
+        lists = self.signal_lists(request)
+        if not lists:
+            return None
+        return self.fuse(lists, request.mode)
+
+    def retrieve(self, request: RetrievalRequest, k: int) -> list[Candidate]:
+        lists = self.signal_lists(request)
+        if not lists:
+            return []
+        fused = self.fuse(lists, request.mode)
+        rows = top_k(fused, k)
+        evidence: dict[int, dict[str, SignalEvidence]] = {int(r): {} for r in rows}
+        for name, (srows, sscores) in lists.items():
+            for rank, (r, s) in enumerate(zip(srows, sscores, strict=True), start=1):
+                if int(r) in evidence:
+                    evidence[int(r)][name] = SignalEvidence(rank=rank, score=float(s))
+        return [
+            Candidate(item_id=self.catalog.items[r].id, score=float(fused[r]), sources=evidence[int(r)]) for r in rows
+        ]
+
+
+def fuse_lists(lists: SignalLists, weights: Mapping[str, float], rrf_k: float, n_rows: int) -> np.ndarray:
+    fused = np.zeros(n_rows, dtype=np.float64)
+    seen = np.zeros(n_rows, dtype=bool)
+    for name, (rows, _) in lists.items():
+        w = weights.get(name, 0.0)
+        if w <= 0:
+            continue
+        fused[rows] += w / (rrf_k + np.arange(1, len(rows) + 1))
+        seen[rows] = True
+    fused[~seen] = -np.inf
+    return fused
+
+
+def fit_weights(
+    cases: Sequence[tuple[SignalLists, int]],
+    names: Sequence[str],
+    n_rows: int,
+    *,
+    k: int = 20,
+    grid: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0),
+    rrf_ks: Sequence[float] = (5.0, 20.0, 60.0),
+    rounds: int = 2,
+) -> tuple[dict[str, float], float, float]:
+    """Fit one mode's weights on validation cases by coordinate ascent on Recall@k (NDCG@10 breaks ties).
+
+    `cases` pairs each validation request's signal lists with its target row. Returns (weights, rrf_k, recall).
+    Coordinate ascent over a small grid is enough here: 4-6 signals, and the objective is piecewise constant,
+    so gradient methods do not apply.
+    """
+
+    def objective(ws: Mapping[str, float], rk: float) -> tuple[float, float]:
+        hits = 0.0
+        ndcg = 0.0
+        for lists, target in cases:
+            fused = fuse_lists(lists, ws, rk, n_rows)
+            t = fused[target]
+            if not np.isfinite(t):
+                continue
+            rank = int((fused >= t).sum())  # pessimistic ties, as in eval.metrics.rank_of
+            if rank <= k:
+                hits += 1
+            if rank <= 10:
+                ndcg += 1.0 / math.log2(rank + 1)
+        n = max(len(cases), 1)
+        return (hits / n, ndcg / n)
+
+    best_ws = {n: 1.0 for n in names}
+    best_rk = 60.0
+    best = objective(best_ws, best_rk)
+    for _ in range(rounds):
+        improved = False
+        for rk in rrf_ks:
+            val = objective(best_ws, rk)
+            if val > best:
+                best, best_rk, improved = val, rk, True
+        for name, w in itertools.product(names, grid):
+            if best_ws[name] == w:
+                continue
+            trial = {**best_ws, name: w}
+            if not any(v > 0 for v in trial.values()):
+                continue
+            val = objective(trial, best_rk)
+            if val > best:
+                best, best_ws, improved = val, trial, True
+        if not improved:
+            break
+    return best_ws, best_rk, best[0]

@@ -1,0 +1,293 @@
+"""Build, save and load the whole retrieval stage: every signal plus the fusion weights, in one folder.
+
+Layout of an index folder:
+    manifest.json     format version, catalog fingerprint, signals, fusion config, build facts
+    <signal>/         one sub-folder per signal, written by that signal's own `save`
+The folder is written next to its final place and swapped in with a rename, so a crash mid-build leaves the
+previous index untouched. Loading checks the catalog fingerprint, so an index never silently serves a catalog it
+was not built for.
+
+Fusion weights: when enough users have >= 3 events, every signal is trained without each user's last event and
+the per-mode weights are fitted on those held-out events (one leave-one-out validation pass). Serving then uses
+the full history at query time. This costs one training run instead of two, at the price of one event per user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retrieval.base import Retriever
+from retrieval.catalog import Catalog
+from retrieval.fusion import FusionConfig, FusionRetriever, SignalLists, fit_weights
+from retrieval.types import Interaction, RetrievalRequest
+
+FORMAT_VERSION = 1
+MIN_USERS_TO_FIT_FUSION = 30
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One retrieval signal: how to train it from histories, and how to load it back."""
+
+    name: str
+    fit: Callable[[Catalog, Mapping[str, Sequence[Interaction]], dict[str, Any]], Retriever]
+    load: Callable[[Path, Catalog, dict[str, Any]], Retriever]
+
+
+def _fit_popularity(catalog: Catalog, hist: Mapping[str, Sequence[Interaction]], opts: dict[str, Any]) -> Retriever:
+    from retrieval.popularity import PopularityRetriever
+
+    r = PopularityRetriever(catalog)
+    r.fit(hist)
+    return r
+
+
+def _fit_itemknn(catalog: Catalog, hist: Mapping[str, Sequence[Interaction]], opts: dict[str, Any]) -> Retriever:
+    from retrieval.collaborative import ItemKNNRetriever
+
+    r = ItemKNNRetriever(catalog)
+    r.fit(hist)
+    return r
+
+
+def _fit_sasrec(catalog: Catalog, hist: Mapping[str, Sequence[Interaction]], opts: dict[str, Any]) -> Retriever:
+    from retrieval.sequential import SASRecConfig, SequentialRetriever
+
+    cfg = opts.get("sasrec_config") or SASRecConfig()
+    r = SequentialRetriever(catalog, cfg)
+    r.fit(hist, validation=opts.get("sasrec_validation"))  # None: SASRec holds out each user's last event
+    return r
+
+
+def _fit_dense(catalog: Catalog, hist: Mapping[str, Sequence[Interaction]], opts: dict[str, Any]) -> Retriever:
+    from retrieval.dense import DenseRetriever
+
+    return DenseRetriever.build(
+        catalog, opts["encoder"], flat_threshold=opts.get("flat_threshold", 50_000), progress=opts.get("progress", True)
+    )
+
+
+def _fit_bm25(catalog: Catalog, hist: Mapping[str, Sequence[Interaction]], opts: dict[str, Any]) -> Retriever:
+    from retrieval.lexical import BM25Retriever
+
+    return BM25Retriever.build(catalog)
+
+
+def _load_popularity(d: Path, catalog: Catalog, opts: dict[str, Any]) -> Retriever:
+    from retrieval.popularity import PopularityRetriever
+
+    return PopularityRetriever.load(d, catalog)
+
+
+def _load_itemknn(d: Path, catalog: Catalog, opts: dict[str, Any]) -> Retriever:
+    from retrieval.collaborative import ItemKNNRetriever
+
+    return ItemKNNRetriever.load(d, catalog)
+
+
+def _load_sasrec(d: Path, catalog: Catalog, opts: dict[str, Any]) -> Retriever:
+    from retrieval.sequential import SequentialRetriever
+
+    return SequentialRetriever.load(d, catalog)
+
+
+def _load_dense(d: Path, catalog: Catalog, opts: dict[str, Any]) -> Retriever:
+    from retrieval.dense import DenseRetriever
+
+    return DenseRetriever.load(d, catalog, opts["encoder"])
+
+
+def _load_bm25(d: Path, catalog: Catalog, opts: dict[str, Any]) -> Retriever:
+    from retrieval.lexical import BM25Retriever
+
+    return BM25Retriever.load(d, catalog)
+
+
+# The one place where signals are registered; the order is the build order (cheap ones first).
+SIGNALS: dict[str, Signal] = {
+    s.name: s
+    for s in (
+        Signal("popularity", _fit_popularity, _load_popularity),
+        Signal("itemknn", _fit_itemknn, _load_itemknn),
+        Signal("bm25", _fit_bm25, _load_bm25),
+        Signal("dense", _fit_dense, _load_dense),
+        Signal("sasrec", _fit_sasrec, _load_sasrec),
+    )
+}
+
+
+def get_signal(name: str) -> Signal:
+    if name not in SIGNALS:
+        raise ValueError(f"unknown retrieval signal {name!r}; valid signals: {', '.join(SIGNALS)}")
+    return SIGNALS[name]
+
+
+def catalog_fingerprint(catalog: Catalog) -> str:
+    """sha256 over the items' ids and indexed texts, in catalog order."""
+    h = hashlib.sha256()
+    for item in catalog.items:
+        h.update(item.id.encode())
+        h.update(b"\x00")
+        h.update(item.text().encode())
+        h.update(b"\x01")
+    return h.hexdigest()
+
+
+def fit_signals(
+    catalog: Catalog,
+    histories: Mapping[str, Sequence[Interaction]],
+    names: Sequence[str] = tuple(SIGNALS),
+    *,
+    log: Callable[[str], None] = lambda _: None,
+    **opts: Any,
+) -> dict[str, Retriever]:
+    """Train (or build) each named signal on `histories`."""
+    out: dict[str, Retriever] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        out[name] = get_signal(name).fit(catalog, histories, opts)
+        log(f"{name}: built in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def holdout_last(
+    histories: Mapping[str, Sequence[Interaction]], min_events: int = 3
+) -> tuple[dict[str, list[Interaction]], list[tuple[tuple[str, ...], str]]]:
+    """Split off each (long enough) user's last event: (training histories, [(history, target)])."""
+    train: dict[str, list[Interaction]] = {}
+    held: list[tuple[tuple[str, ...], str]] = []
+    for user in sorted(histories):
+        evs = list(histories[user])
+        if len(evs) >= min_events:
+            train[user] = evs[:-1]
+            held.append((tuple(e.item_id for e in evs[:-1]), evs[-1].item_id))
+        else:
+            train[user] = evs
+    return train, held
+
+
+def fit_fusion(
+    fusion: FusionRetriever, cases: Sequence[tuple[tuple[str, ...], str]], *, k: int = 20
+) -> dict[str, float]:
+    """Fit the user-mode fusion weights on (history, target) cases; returns the validation Recall@k per step."""
+    names = list(fusion.retrievers)
+    prepared: list[tuple[SignalLists, int]] = []
+    for hist, target in cases:
+        if target not in fusion.catalog.index:
+            continue
+        lists = fusion.signal_lists(RetrievalRequest(history=hist), names=names)
+        prepared.append((lists, fusion.catalog.index[target]))
+    default_recall = _recall(prepared, fusion.config.weights["user"], fusion.config.rrf_k, len(fusion.catalog), k)
+    weights, rrf_k, recall = fit_weights(prepared, names, len(fusion.catalog), k=k)
+    if recall > default_recall:
+        fusion.config = FusionConfig(
+            weights={**fusion.config.weights, "user": weights}, rrf_k=rrf_k, depth=fusion.config.depth
+        )
+    return {"default_recall": default_recall, "fitted_recall": max(recall, default_recall), "cases": len(prepared)}
+
+
+def _recall(prepared: Sequence[tuple[SignalLists, int]], ws: Mapping[str, float], rk: float, n: int, k: int) -> float:
+    from retrieval.fusion import fuse_lists
+
+    hits = 0
+    for lists, target in prepared:
+        fused = fuse_lists(lists, ws, rk, n)
+        t = fused[target]
+        if t > float("-inf") and int((fused >= t).sum()) <= k:
+            hits += 1
+    return hits / max(len(prepared), 1)
+
+
+def build_index(
+    catalog: Catalog,
+    histories: Mapping[str, Sequence[Interaction]],
+    directory: Path,
+    *,
+    names: Sequence[str] = tuple(SIGNALS),
+    fit_fusion_weights: bool = True,
+    log: Callable[[str], None] = lambda _: None,
+    **opts: Any,
+) -> FusionRetriever:
+    """Train every signal, fit the fusion weights, and write it all to `directory` atomically."""
+    directory = Path(directory)
+    t0 = time.perf_counter()
+    train, held = holdout_last(histories)
+    use_holdout = fit_fusion_weights and len(held) >= MIN_USERS_TO_FIT_FUSION
+    retrievers = fit_signals(catalog, train if use_holdout else histories, names, log=log, **opts)
+    fusion = FusionRetriever(catalog, list(retrievers.values()))
+    fusion_report: dict[str, Any] = {"fitted": False}
+    if use_holdout:
+        fusion_report = {"fitted": True, **fit_fusion(fusion, held)}
+        log(
+            f"fusion: weights fitted on {fusion_report['cases']} held-out events "
+            f"(Recall@20 {fusion_report['default_recall']:.3f} -> {fusion_report['fitted_recall']:.3f})"
+        )
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "catalog_fingerprint": catalog_fingerprint(catalog),
+        "n_items": len(catalog),
+        "n_users": len(histories),
+        "n_events": sum(len(v) for v in histories.values()),
+        "signals": list(retrievers),
+        "fusion": fusion.config.to_dict(),
+        "fusion_fit": fusion_report,
+        "build_seconds": round(time.perf_counter() - t0, 2),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write_atomically(directory, retrievers, manifest)
+    return fusion
+
+
+def _write_atomically(directory: Path, retrievers: Mapping[str, Retriever], manifest: dict[str, Any]) -> None:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name, r in retrievers.items():
+            r.save(tmp / name)  # type: ignore[attr-defined]
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not directory.exists():
+            old.rename(directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no retrieval index at {directory} (missing manifest.json). Fix: run `shoprec index`.")
+    manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"index at {directory} has format {manifest.get('format_version')}, this shoprec reads "
+            f"{FORMAT_VERSION}. Fix: rebuild it with `shoprec index`."
+        )
+    return manifest
+
+
+def load_index(directory: Path, catalog: Catalog, **opts: Any) -> FusionRetriever:
+    """Load every signal and the fusion config; the catalog must be the one the index was built for."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest["catalog_fingerprint"] != catalog_fingerprint(catalog):
+        raise ValueError(
+            f"the index at {directory} was built for a different catalog ({manifest['n_items']} items; the store "
+            f"now has {len(catalog)}, or their texts changed). Fix: rebuild it with `shoprec index`."
+        )
+    retrievers = [get_signal(name).load(directory / name, catalog, opts) for name in manifest["signals"]]
+    return FusionRetriever(catalog, retrievers, FusionConfig.from_dict(manifest["fusion"]))

