@@ -1,0 +1,96 @@
+"""Fusion logic, isolated with fake signals (real signals are covered in test_retrieval_stage.py)."""
+
+import numpy as np
+import pytest
+
+from retrieval.base import ScoringRetriever, top_k
+from retrieval.catalog import Catalog
+from retrieval.fusion import FusionConfig, FusionRetriever, fit_weights, fuse_lists
+from retrieval.types import Filters, Item, RetrievalRequest
+
+
+class Fixed(ScoringRetriever):
+    def __init__(self, catalog: Catalog, name: str, scores: list[float]):
+        super().__init__(catalog)
+        self.name = name
+        self._scores = np.array(scores, dtype=float)
+
+    def score(self, request):
+        return self._scores.copy()
+
+
+@pytest.fixture
+def catalog() -> Catalog:
+    cats = ["A", "A", "B", "B", "C"]
+    return Catalog(
+        Item(id=f"i{i}", title=f"item {i}", category=(c,), price=10.0 * (i + 1), in_stock=i != 3)
+        for i, c in enumerate(cats)
+    )
+
+
+def test_rrf_by_hand():
+    lists = {"a": (np.array([0, 1]), np.array([9.0, 8.0])), "b": (np.array([1, 2]), np.array([5.0, 4.0]))}
+    fused = fuse_lists(lists, {"a": 1.0, "b": 2.0}, 10.0, 4)
+    np.testing.assert_allclose(fused[:3], [1 / 11, 1 / 12 + 2 / 11, 2 / 12])
+    assert fused[3] == -np.inf
+
+
+def test_fusion_agrees_when_signals_agree_and_records_every_signal(catalog):
+    a = Fixed(catalog, "sasrec", [5, 4, 3, 2, 1])
+    b = Fixed(catalog, "itemknn", [1, 4, 3, 2, 0])
+    fusion = FusionRetriever(catalog, [a, b], FusionConfig(weights={"user": {"sasrec": 1, "itemknn": 1}}))
+    out = fusion.retrieve(RetrievalRequest(history=("i4",)), k=3)
+    assert [c.item_id for c in out] == ["i1", "i0", "i2"]
+    assert set(out[0].sources) == {"sasrec", "itemknn"}
+    assert out[0].sources["itemknn"].rank == 1 and out[0].sources["sasrec"].rank == 2
+
+
+def test_filters_and_history_apply_before_fusion(catalog):
+    a = Fixed(catalog, "sasrec", [5, 4, 3, 2, 1])
+    fusion = FusionRetriever(catalog, [a], FusionConfig(weights={"user": {"sasrec": 1}}))
+    req = RetrievalRequest(history=("i0",), filters=Filters(in_stock_only=True, max_price=45))
+    assert [c.item_id for c in fusion.retrieve(req, 5)] == ["i1", "i2"]  # i0 seen, i3 out of stock, i4 too dear
+    req = RetrievalRequest(filters=Filters(categories=("B",)), cart=("i2",))
+    fusion.config = FusionConfig(weights={"cart": {"sasrec": 1}})
+    assert [c.item_id for c in fusion.retrieve(req, 5)] == ["i3"]  # the cart item itself is never suggested
+
+
+def test_zero_weight_signal_is_not_consulted(catalog):
+    calls = []
+
+    class Spy(Fixed):
+        def score(self, request):
+            calls.append(1)
+            return super().score(request)
+
+    fusion = FusionRetriever(
+        catalog,
+        [Fixed(catalog, "bm25", [1] * 5), Spy(catalog, "sasrec", [1] * 5)],
+        FusionConfig(weights={"query": {"bm25": 1, "sasrec": 0}}),
+    )
+    fusion.retrieve(RetrievalRequest(query="x"), 2)
+    assert calls == []
+
+
+def test_fit_weights_finds_the_informative_signal():
+    rng = np.random.default_rng(0)
+    n, cases = 50, []
+    for _ in range(40):
+        target = int(rng.integers(n))
+        good = rng.normal(size=n)
+        good[target] = 10  # the informative signal always has the target first
+        noise = rng.normal(size=n)
+        lists = {name: (top_k(s, 20), s[top_k(s, 20)]) for name, s in (("good", good), ("noise", noise))}
+        cases.append((lists, target))
+    weights, _, recall = fit_weights(cases, ["good", "noise"], n, k=1)
+    assert recall == 1.0
+    assert weights["good"] > weights["noise"]
+
+
+def test_config_validation_names_the_bad_value():
+    with pytest.raises(ValueError, match="unknown mode 'browse'"):
+        FusionConfig(weights={"browse": {}})
+    with pytest.raises(ValueError, match="user/dense must be a finite number >= 0, got -1"):
+        FusionConfig(weights={"user": {"dense": -1}})
+    cfg = FusionConfig(weights={"user": {"a": 0.5}}, rrf_k=5, depth=10)
+    assert FusionConfig.from_dict(cfg.to_dict()) == cfg
