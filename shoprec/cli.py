@@ -95,8 +95,7 @@ def ingest(
     if lenient and report is None:
         report = svc.settings.home / "rejected.jsonl"
     ds = load_dataset(path, strict=not lenient, report_path=report, fmt=fmt)
-    svc.store.upsert_items(ds.items)
-    svc.store.add_events(ds.interactions)
+    svc.store.ingest(ds.items, ds.interactions)  # items and events in one transaction
     summary = {
         **ds.summary(),
         "rejected": len(ds.rejected),

@@ -41,8 +41,7 @@ def run_demo(home: Path, *, seed: int = 0, console: Console | None = None) -> Sh
     con.rule("[bold]2. Ingest into the SQLite store")
     ds = load_dataset(data_dir)
     svc = Shoprec(Settings(home=home))
-    svc.store.upsert_items(ds.items)
-    svc.store.add_events(ds.interactions)
+    svc.store.ingest(ds.items, ds.interactions)  # items and events in one transaction
     con.print(f"store {svc.settings.store_url}: {svc.store.counts()}", highlight=False)
 
     con.rule("[bold]3. Build the retrieval index (popularity, item-kNN, BM25, dense MiniLM+FAISS, SASRec)")
