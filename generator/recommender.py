@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from generator.backends.base import Backend
 from generator.constraints import CategoryConstraint, allowed_next, check_picks, cut_categories, feasible
@@ -67,6 +67,17 @@ class GeneratorConfig(BaseModel):
     max_reason_tokens: int = Field(default=28, ge=4, le=64, description="Upper bound on a reason's length in tokens.")
     timeout_s: float = Field(default=30.0, gt=0, description="Model time budget per batch; then the fallback is used.")
     seed: int = Field(default=0, description="Seed of the candidate shuffles.")
+
+    @model_validator(mode="after")
+    def _satisfiable(self) -> GeneratorConfig:
+        c = self.constraint
+        if c.min_categories is not None and c.min_categories > self.k:
+            raise ValueError(f"min_categories={c.min_categories} cannot be met with k={self.k} picks; lower it")
+        if c.max_per_category is not None and c.min_categories is None and c.max_per_category * 52 < self.k:
+            raise ValueError(f"max_per_category={c.max_per_category} is too small for k={self.k}")
+        if self.k > self.n_candidates:
+            raise ValueError(f"k={self.k} picks need at least as many candidates, got n_candidates={self.n_candidates}")
+        return self
 
 
 # Retrieval evidence in words: what the prompt shows the model, and what fallback reasons are made of.
@@ -192,6 +203,7 @@ class Recommender:
         if feasible(cfg.constraint, cats(top), cfg.k) is None:
             return top
         # swap in the best candidate of each unseen category, replacing the weakest of over-represented ones
+        wide = list(self.retriever.retrieve(request, max(cfg.n_candidates * 5, 200)))  # type: ignore[attr-defined]
         have = set(cats(top))
         extra = [c for c in wide[cfg.n_candidates :] if self.catalog[c.item_id].category_at(level) not in have]
         seen_extra: dict[str, Candidate] = {}
