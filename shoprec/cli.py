@@ -62,7 +62,11 @@ def main(
 
 def _settings() -> Settings:
     return load_settings(
-        _state.get("config"), home=_state.get("home"), store=_state.get("store"), index_dir=_state.get("index_dir")
+        _state.get("config"),
+        home=_state.get("home"),
+        store=_state.get("store"),
+        index_dir=_state.get("index_dir"),
+        adapter=_state.get("adapter"),
     )
 
 
@@ -206,6 +210,84 @@ def search(
     )
     rows = svc.describe(svc.candidates(request, k))
     _emit({"query": query, "user": user, "results": rows}, as_json, lambda: _show(rows, f"search: {query!r}"))
+
+
+@app.command()
+@_friendly_errors
+def recommend(
+    user: str | None = typer.Option(None, "--user", help="User id; its history comes from the store."),
+    query: str | None = typer.Option(None, "--query", help="What the shopper asked for."),
+    cart: str | None = typer.Option(None, "--cart", help="Comma-separated item ids in the cart."),
+    k: int = typer.Option(5, "--k", min=1, max=20, help="How many picks."),
+    diversity: float = typer.Option(0.3, "--diversity", min=0.0, max=1.0, help="0 = pure relevance, 1 = most diverse."),
+    method: str = typer.Option("mmr", "--method", help="Diversity re-ranking: none | mmr | dpp."),
+    max_per_category: int | None = typer.Option(2, "--max-per-category", min=1, help="Category cap (a guarantee)."),
+    min_categories: int | None = typer.Option(None, "--min-categories", min=1, help="Distinct categories required."),
+    category_level: int = typer.Option(1, "--category-level", min=1, help="Category path depth the caps count at."),
+    mode: str = typer.Option("score", "--mode", help="score (one pass + reasons) | generate (full list)."),
+    variant: str = typer.Option("rank", "--prompt", help="Prompt variant: rank | rank_terse | chat."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="LoRA adapter folder on top of the model."),
+    no_llm: bool = typer.Option(False, "--no-llm", help="Retrieval + diversity only (no model)."),
+    category: list[str] | None = typer.Option(None, "--category", help="Keep this category prefix (repeatable)."),
+    min_price: float | None = typer.Option(None, "--min-price", min=0),
+    max_price: float | None = typer.Option(None, "--max-price", min=0),
+    in_stock: bool = typer.Option(False, "--in-stock", help="Only items in stock."),
+    as_json: bool = typer.Option(False, "--json", help="Print the recommendation as JSON."),
+) -> None:
+    """Ranked, justified, diverse picks: retrieval -> prompt -> LLM -> constraints -> validation."""
+    from generator.constraints import CategoryConstraint
+    from generator.recommender import GeneratorConfig
+
+    if adapter is not None:
+        _state["adapter"] = str(adapter)
+    svc = _service()
+    try:
+        cfg = GeneratorConfig(
+            mode=mode,  # type: ignore[arg-type]
+            variant=variant,
+            k=k,
+            diversity=diversity,
+            diversity_method=method,  # type: ignore[arg-type]
+            constraint=CategoryConstraint(
+                max_per_category=max_per_category, min_categories=min_categories, level=category_level
+            ),
+        )
+    except ValueError as e:
+        raise ValueError(f"bad recommend flags: {_first_error(e)}") from None
+    cart_ids = [c.strip() for c in cart.split(",") if c.strip()] if cart else []
+    request = svc.request(
+        user=user, query=query, cart=cart_ids, filters=_filters(category, min_price, max_price, in_stock, False)
+    )
+    rec = svc.recommender(use_llm=not no_llm).recommend(request, cfg)
+    data = {
+        "mode": rec.mode,
+        "fallback": rec.fallback,
+        "fallback_reason": rec.fallback_reason,
+        "timings_ms": rec.timings_ms,
+        "picks": [
+            {**p.model_dump(), "title": svc.catalog[p.item_id].title, "price": svc.catalog[p.item_id].price}
+            for p in rec.picks
+        ],
+    }
+
+    def render() -> None:
+        head = f"{len(rec.picks)} picks ({rec.mode} mode"
+        head += f", FALLBACK: {rec.fallback_reason})" if rec.fallback else ")"
+        console.print(head, highlight=False)
+        for p in rec.picks:
+            console.print(f"  {p.rank}. [bold]{svc.catalog[p.item_id].title}[/] ({p.item_id}) [dim]{p.category}[/]")
+            console.print(f"     {p.reason}", highlight=False)
+
+    _emit(data, as_json, render)
+
+
+def _first_error(e: ValueError) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        err = errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        return f"{loc}: {err['msg']}" if loc else str(err["msg"])
+    return str(e)
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """One typed configuration object, layered: built-in defaults < TOML file < environment < command-line flags.
 
 The TOML file is `--config FILE`, else `$SHOPREC_CONFIG`, else `./shoprec.toml` when present. Environment
-variables: SHOPREC_HOME, SHOPREC_STORE, SHOPREC_INDEX, SHOPREC_EMBEDDING_MODEL. Every field is documented below;
+variables: SHOPREC_HOME, SHOPREC_STORE, SHOPREC_INDEX, SHOPREC_EMBEDDING_MODEL, SHOPREC_LLM_BACKEND,
+SHOPREC_LLM_MODEL, SHOPREC_ADAPTER. Every field is documented below;
 an unknown key or a bad value is an error naming the key and the source it came from.
 """
 
@@ -38,6 +39,12 @@ class Settings(BaseModel):
     fit_fusion: bool = Field(
         default=True, description="Fit the fusion weights on each user's held-out last event when indexing."
     )
+    llm_backend: str = Field(default="transformers", description="LLM backend: transformers | fake.")
+    llm_model: str = Field(
+        default="embedded:SmolLM2-135M-Instruct",
+        description="'embedded:<name>' (shipped in a PyPI package), a local HF folder, or a hub id in the local cache.",
+    )
+    adapter: str | None = Field(default=None, description="A PEFT LoRA adapter folder applied on top of the model.")
     seed: int = Field(default=0, description="Seed for every random step (training, sampling).")
 
     @property
@@ -54,6 +61,9 @@ _ENV = {
     "SHOPREC_STORE": "store",
     "SHOPREC_INDEX": "index_dir",
     "SHOPREC_EMBEDDING_MODEL": "embedding_model",
+    "SHOPREC_LLM_BACKEND": "llm_backend",
+    "SHOPREC_LLM_MODEL": "llm_model",
+    "SHOPREC_ADAPTER": "adapter",
 }
 
 

@@ -50,6 +50,24 @@ class Shoprec:
 
         return load_index(self.settings.index_path, self.catalog, encoder=self.encoder)
 
+    @cached_property
+    def backend(self) -> Any:
+        """The LLM backend (transformers on CPU by default), loaded on first use."""
+        from generator.backends import make_backend
+        from generator.model import ModelSpec
+
+        if self.settings.llm_backend == "fake":  # deterministic stand-in for tests and dry runs
+            return make_backend("fake")
+        spec = ModelSpec(model=self.settings.llm_model, adapter=self.settings.adapter)
+        return make_backend(self.settings.llm_backend, model_spec=spec)
+
+    def recommender(self, *, use_llm: bool = True) -> Any:
+        from generator.recommender import Recommender
+
+        dense = self.retriever.retrievers.get("dense")
+        vectors = getattr(dense, "vectors", None)
+        return Recommender(self.retriever, self.catalog, self.backend if use_llm else None, item_vectors=vectors)
+
     def build_index(self, log: Callable[[str], None] = print) -> FusionRetriever:
         """Train every signal from the store's events and write the index folder (atomically)."""
         from retrieval.index import build_index

@@ -102,3 +102,19 @@ def test_candidates_without_an_index_says_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.delenv("SHOPREC_CONFIG", raising=False)
     r = runner.invoke(app, ["candidates", "--user", "u"])
     assert r.exit_code == 2 and "shoprec" in r.output and "Traceback" not in r.output
+
+
+def test_recommend_with_constraints(home, small_shop, monkeypatch):
+    monkeypatch.setenv("SHOPREC_LLM_BACKEND", "fake")
+    user = small_shop.interactions[0].user_id
+    r = runner.invoke(app, ["recommend", "--user", user, "--k", "4", "--max-per-category", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert len(data["picks"]) == 4 and not data["fallback"]
+    assert len({p["category"] for p in data["picks"]}) == 4
+    r = runner.invoke(app, ["recommend", "--user", user, "--no-llm", "--mode", "generate"])
+    assert r.exit_code == 0 and "retrieval mode" in r.output
+    r = runner.invoke(app, ["recommend", "--user", user, "--k", "3", "--min-categories", "5"])
+    assert r.exit_code == 2 and "min_categories=5 cannot be met with k=3" in r.output
+    r = runner.invoke(app, ["recommend", "--user", user, "--mode", "poetry"])
+    assert r.exit_code == 2 and "mode" in r.output and "Traceback" not in r.output
