@@ -1,0 +1,39 @@
+"""The README must not drift from the code: its commands exist, CI runs its test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from shoprec.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in README and "make demo" in README
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert re.search(r"^make test$", ci, re.M)
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    for target in ("demo", "test", "bench"):
+        assert re.search(rf"^{target}:", makefile, re.M), target
+
+
+def test_every_cli_command_in_the_readme_exists_with_its_flags():
+    runner = CliRunner()
+    lines = [
+        ln
+        for ln in README.splitlines()
+        if "shoprec " in ln and ln.lstrip().startswith((".venv/bin/shoprec", "shoprec"))
+    ]
+    assert lines, "README shows no shoprec commands"
+    for line in lines:
+        cmd = line.split("#")[0].split("shoprec", 1)[1].split()
+        sub = cmd[0]
+        r = runner.invoke(app, [sub, "--help"])
+        assert r.exit_code == 0, f"README uses unknown command: {line}"
+        for flag in (t for t in cmd if t.startswith("--")):
+            assert flag in r.output, f"README uses unknown flag {flag} in: {line}"
