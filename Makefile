@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test check lint typecheck bench bench-retrieval bench-scale clean
+.PHONY: venv demo test check lint typecheck bench bench-smoke bench-retrieval bench-scale clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -36,7 +36,14 @@ typecheck: $(STAMP)
 test: $(STAMP) check
 	$(BIN)/pytest -q
 
+# Full benchmark suite on ../shared/data and the demo shop (~1 h on 2 cores), then the README tables.
 bench: bench-retrieval bench-scale
+	$(BIN)/python -m eval.bench.report
+
+# Seconds-long smoke run of the same code (CI-sized): demo shop, a few users, 20k vectors.
+bench-smoke: $(STAMP)
+	$(BIN)/python -m eval.bench.retrieval --datasets demo --users 50 --out var/bench-smoke/retrieval.json
+	$(BIN)/python -m eval.bench.faiss_scale --n 20000 --queries 100 --out var/bench-smoke/faiss_scale.json
 
 bench-retrieval: $(STAMP)
 	$(BIN)/python -m eval.bench.retrieval --out eval/results/retrieval.json

@@ -1,0 +1,107 @@
+"""Regenerate the README's results tables from the JSON files in eval/results/ (run by `make bench`).
+
+Each table lives between `<!-- results:NAME -->` and `<!-- /results:NAME -->` markers in README.md; only the text
+between the markers is replaced, so the prose around it stays hand-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "eval" / "results"
+
+
+def _ci(m: list[float]) -> str:
+    return f"{m[0]:.4f} [{m[1]:.3f}, {m[2]:.3f}]"
+
+
+def retrieval_table(r: dict[str, Any]) -> str:
+    lines = [
+        "| dataset | signal | Recall@20 | Recall@50 | NDCG@10 |",
+        "|---|---|---|---|---|",
+    ]
+    for ds, d in r["datasets"].items():
+        for name, m in d["results"].items():
+            label = f"**{name}**" if name == "fusion" else name
+            lines.append(
+                f"| {ds} | {label} | {_ci(m['recall@20'])} | {_ci(m['recall@50'])} | {_ci(m['ndcg@10'])} |"
+            )
+    checks = []
+    for ds, d in r["datasets"].items():
+        c = d["checks"]
+        checks.append(
+            f"- {ds}: {d['test_users']} test users, {d['items']} items; fusion beats every signal on Recall@20: "
+            f"**{c['fusion_beats_every_signal_recall@20']}** (best single: {c['best_single_signal']}); "
+            f"fusion / popularity Recall@20 = **{c['fusion_vs_popularity_recall@20']}x**; "
+            f"SASRec NDCG@10 = **{c['sasrec_ndcg@10']:.4f}**; fitted weights {d['fusion_weights']['weights']} "
+            f"(rrf_k {d['fusion_weights']['rrf_k']}); train {d['seconds']['fit']} s, total {d['seconds']['total']} s."
+        )
+    m = r["machine"]
+    foot = f"\nMachine: {m['cpus']} CPUs, {m['platform']}, torch {m['torch']}. Seed {r['seed']}.\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(checks) + "\n" + foot
+
+
+def faiss_table(r: dict[str, Any]) -> str:
+    cfg = r["config"]
+    lines = [
+        f"{cfg['n']:,} clustered {cfg['dim']}-d vectors, {cfg['queries']} held-out queries, one query at a time on "
+        f"{cfg['search_threads']} thread; exact search: {r['clustered']['brute_force_single_query_ms']:.1f} ms/query.",
+        "",
+        "| index | build s | RSS +MiB | setting | recall@100 | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for idx in r["clustered"]["indexes"]:
+        for p in idx["sweep"]:
+            key = "nprobe" if idx["kind"] == "ivf" else "efSearch"
+            mark = " (default)" if p.get("default") else ""
+            lines.append(
+                f"| {idx['kind']} | {idx['build_s']:.0f} | {idx['rss_increase_bytes'] / 2**20:.0f} | "
+                f"{key} {p[key]}{mark} | {p['recall_at_k']:.3f} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} |"
+            )
+    load = r["machine"].get("loadavg_start")
+    if load:
+        lines.append(f"\nLoad average at the start of the run: {load[0]:.1f} (p99 suffers when the cores are shared).")
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "retrieval": ("retrieval.json", retrieval_table),
+    "faiss": ("faiss_scale.json", faiss_table),
+}
+
+
+def update_readme(readme: Path = ROOT / "README.md", results: Path = RESULTS) -> list[str]:
+    text = readme.read_text(encoding="utf-8")
+    done = []
+    for name, (fname, render) in TABLES.items():
+        path = results / fname
+        pattern = re.compile(rf"(<!-- results:{name} -->\n)(.*?)(<!-- /results:{name} -->)", re.S)
+        if not path.is_file() or not pattern.search(text):
+            continue
+        table = render(json.loads(path.read_text(encoding="utf-8")))
+        text = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(3), text)
+        done.append(name)
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, readme)
+    return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    done = update_readme(args.readme, args.results)
+    print(f"README tables regenerated: {', '.join(done) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
