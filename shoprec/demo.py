@@ -10,6 +10,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 from rich.console import Console
 
@@ -18,7 +19,7 @@ from shoprec.config import Settings
 from shoprec.service import Shoprec
 
 
-def run_demo(home: Path, *, seed: int = 0, console: Console | None = None) -> Shoprec:
+def run_demo(home: Path, *, seed: int = 0, sasrec_epochs: int = 30, console: Console | None = None) -> Shoprec:
     from retrieval.loaders import load_dataset, write_generic
     from retrieval.synthetic import SyntheticConfig, generate
 
@@ -40,7 +41,7 @@ def run_demo(home: Path, *, seed: int = 0, console: Console | None = None) -> Sh
 
     con.rule("[bold]2. Ingest into the SQLite store")
     ds = load_dataset(data_dir)
-    svc = Shoprec(Settings(home=home))
+    svc = Shoprec(Settings(home=home, sasrec_epochs=sasrec_epochs))
     svc.store.ingest(ds.items, ds.interactions)  # items and events in one transaction
     con.print(f"store {svc.settings.store_url}: {svc.store.counts()}", highlight=False)
 
@@ -78,5 +79,18 @@ def run_demo(home: Path, *, seed: int = 0, console: Console | None = None) -> Sh
         "Filtered: in stock, under 50, Electronics",
         {"user": shown[0], "filters": Filters(categories=("Electronics",), max_price=50.0, in_stock_only=True)},
     )
+    con.rule("[bold]5. Ranked, justified, diverse picks (SmolLM2-135M via transformers, at most 2 per category)")
+    from generator.recommender import GeneratorConfig
+
+    recommender = svc.recommender()
+    modes: tuple[tuple[str, Literal["score", "generate"]], ...] = ((shown[0], "score"), (shown[1], "generate"))
+    for user, mode in modes:
+        rec = recommender.recommend(svc.request(user=user), GeneratorConfig(mode=mode, k=5))
+        status = f"FALLBACK ({rec.fallback_reason})" if rec.fallback else f"{rec.mode} mode"
+        timing = ", ".join(f"{k} {v:.0f} ms" for k, v in rec.timings_ms.items())
+        con.print(f"\n[bold]{user}[/]: {status}; {timing}", highlight=False)
+        for p in rec.picks:
+            con.print(f"  {p.rank}. {svc.catalog[p.item_id].title} [dim]({p.category})[/]", highlight=False)
+            con.print(f"     [italic]{p.reason}[/]", highlight=False)
     con.print(f"\n[green]demo finished in {time.perf_counter() - t0:.0f}s[/] (data, store and index in {home})")
     return svc
