@@ -185,21 +185,27 @@ def fit_fusion(
             continue
         lists = fusion.signal_lists(RetrievalRequest(history=hist), names=names)
         prepared.append((lists, fusion.catalog.index[target]))
-    default_recall = _recall(prepared, fusion.config.weights["user"], fusion.config.rrf_k, len(fusion.catalog), k)
-    weights, rrf_k, recall = fit_weights(prepared, names, len(fusion.catalog), k=k)
+    cfg = fusion.config
+    default_recall = _recall(prepared, cfg.weights["user"], cfg.rrf_k, len(fusion.catalog), k, cfg.method)
+    weights, rrf_k, recall, method = fit_weights(prepared, names, len(fusion.catalog), k=k)
     if recall > default_recall:
         fusion.config = FusionConfig(
-            weights={**fusion.config.weights, "user": weights}, rrf_k=rrf_k, depth=fusion.config.depth
+            weights={**fusion.config.weights, "user": weights},
+            rrf_k=rrf_k,
+            depth=fusion.config.depth,
+            method=method,
         )
     return {"default_recall": default_recall, "fitted_recall": max(recall, default_recall), "cases": len(prepared)}
 
 
-def _recall(prepared: Sequence[tuple[SignalLists, int]], ws: Mapping[str, float], rk: float, n: int, k: int) -> float:
+def _recall(
+    prepared: Sequence[tuple[SignalLists, int]], ws: Mapping[str, float], rk: float, n: int, k: int, method: str
+) -> float:
     from retrieval.fusion import fuse_lists
 
     hits = 0
     for lists, target in prepared:
-        fused = fuse_lists(lists, ws, rk, n)
+        fused = fuse_lists(lists, ws, rk, n, method)
         t = fused[target]
         if t > float("-inf") and int((fused >= t).sum()) <= k:
             hits += 1

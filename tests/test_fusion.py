@@ -82,9 +82,24 @@ def test_fit_weights_finds_the_informative_signal():
         noise = rng.normal(size=n)
         lists = {name: (top_k(s, 20), s[top_k(s, 20)]) for name, s in (("good", good), ("noise", noise))}
         cases.append((lists, target))
-    weights, _, recall = fit_weights(cases, ["good", "noise"], n, k=1)
-    assert recall == 1.0
-    assert weights["good"] > weights["noise"]
+    for method in ("rrf", "minmax"):
+        weights, _, recall, chosen = fit_weights(cases, ["good", "noise"], n, k=1, methods=(method,))
+        assert recall == 1.0 and chosen == method
+        assert weights["good"] > weights["noise"]
+
+
+def test_minmax_keeps_a_confident_signals_score_gap():
+    # signal a: row 0 far ahead of rows 1, 2; signal b: rows 1, 0, 2 almost tied
+    lists = {
+        "a": (np.array([0, 1, 2]), np.array([10.0, 1.0, 0.0])),
+        "b": (np.array([1, 0, 2]), np.array([1.0, 0.99, 0.0])),
+    }
+    fused = fuse_lists(lists, {"a": 1.0, "b": 1.0}, 60.0, 3, "minmax")
+    np.testing.assert_allclose(fused, [1.0 + 0.99, 0.1 + 1.0, 0.0])
+    rrf = fuse_lists(lists, {"a": 1.0, "b": 1.0}, 60.0, 3, "rrf")
+    assert rrf[0] == rrf[1]  # RRF sees only the ranks: a tie
+    with pytest.raises(ValueError, match="fusion method must be one of rrf, minmax"):
+        FusionConfig(method="borda")
 
 
 def test_config_validation_names_the_bad_value():

@@ -89,7 +89,7 @@ def run_dataset(name: str, *, users: int | None, seed: int, encoder: Any, log: A
         tuple(SIGNALS),
         log=lambda m: log(f"[{ds_name}] {m}"),
         encoder=encoder,
-        sasrec_config=SASRecConfig(seed=seed),
+        sasrec_config=SASRecConfig(seed=seed, max_len=50, hidden_dim=128, dropout=0.3, progress=False),
         sasrec_validation=[(c.history, c.target) for c in split.valid],
         progress=False,
     )
@@ -99,10 +99,10 @@ def run_dataset(name: str, *, users: int | None, seed: int, encoder: Any, log: A
     test_ranks, test_lists = _signal_pass(catalog, retrievers, test, f"{ds_name} test")
 
     names = list(retrievers)
-    weights, rrf_k, valid_recall = fit_weights(valid_lists, names, len(catalog), k=20)
+    weights, rrf_k, valid_recall, method = fit_weights(valid_lists, names, len(catalog), k=20)
     fusion_ranks: list[float] = []
     for lists, target in test_lists:
-        fused = fuse_lists(lists, weights, rrf_k, len(catalog))
+        fused = fuse_lists(lists, weights, rrf_k, len(catalog), method)
         fusion_ranks.append(rank_of(fused, target))
     default = FusionConfig()
     default_ranks = [
@@ -123,7 +123,12 @@ def run_dataset(name: str, *, users: int | None, seed: int, encoder: Any, log: A
         "test_users": len(test),
         "interactions": len(interactions),
         "results": results,
-        "fusion_weights": {"weights": weights, "rrf_k": rrf_k, "valid_recall@20": round(valid_recall, 5)},
+        "fusion_weights": {
+            "method": method,
+            "weights": weights,
+            "rrf_k": rrf_k,
+            "valid_recall@20": round(valid_recall, 5),
+        },
         "checks": {
             "best_single_signal": best_single,
             "fusion_beats_every_signal_recall@20": fusion_r20 > results[best_single]["recall@20"][0],
