@@ -2,7 +2,8 @@
 
 Protocol (LlamaRec / SASRec convention): per user, events in time order; last item = test, second-to-last =
 validation, the rest = training. Every signal is trained on the training part only; the validation items serve
-SASRec's early stopping and the fitting of the fusion weights, nothing else. At test time a signal sees the
+SASRec's early stopping (even-numbered users) and the fitting of the fusion rule and weights (odd-numbered users),
+nothing else. At test time a signal sees the
 history up to the test item and ranks ALL items except those already in the history; the fusion ranks the union
 of its signals' top-200 lists (a target outside every list is a miss). Reported: Recall@20, Recall@50, NDCG@10,
 each a mean over test users with a 95% bootstrap CI.
@@ -90,12 +91,16 @@ def run_dataset(name: str, *, users: int | None, seed: int, encoder: Any, log: A
         log=lambda m: log(f"[{ds_name}] {m}"),
         encoder=encoder,
         sasrec_config=SASRecConfig(seed=seed, max_len=50, hidden_dim=128, dropout=0.3, progress=False),
-        sasrec_validation=[(c.history, c.target) for c in split.valid],
+        # SASRec early-stops on half of the validation users and the fusion is fitted on the other half: fitting
+        # the fusion on the very cases SASRec's epoch was selected on over-weights SASRec (measured on ml-100k:
+        # validation Recall@20 0.376 vs test 0.318 when both used all validation users).
+        sasrec_validation=[(c.history, c.target) for c in split.valid[0::2]],
         progress=False,
     )
     fit_seconds = time.perf_counter() - t_fit
 
-    _, valid_lists = _signal_pass(catalog, retrievers, valid, f"{ds_name} valid")
+    fusion_valid = split.valid[1::2] if users is None else valid
+    _, valid_lists = _signal_pass(catalog, retrievers, fusion_valid, f"{ds_name} valid")
     test_ranks, test_lists = _signal_pass(catalog, retrievers, test, f"{ds_name} test")
 
     names = list(retrievers)
@@ -157,7 +162,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--datasets", default="ml-100k,office,demo", help="comma-separated names or folders")
     p.add_argument("--users", type=int, default=None, help="evaluate a seeded sample of N test users (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: two threads collapse when the cores are shared)"
+    )
+    p.add_argument("--merge", action="store_true", help="keep the other datasets already in --out")
     args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from retrieval.embed import Encoder
 
@@ -169,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine(),
         "datasets": {},
     }
+    if args.merge and args.out.is_file():
+        report["datasets"] = json.loads(args.out.read_text(encoding="utf-8"))["datasets"]
     for name in args.datasets.split(","):
         report["datasets"][name] = run_dataset(
             name, users=args.users, seed=args.seed, encoder=encoder, log=lambda m: tqdm.write(m)
