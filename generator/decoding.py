@@ -22,8 +22,13 @@ The model writes exactly K lines, then end-of-sequence::
 
 The result is read back from the token ids (`PicksController.parse`), never by re-tokenising the text, because a
 byte-level BPE may split the same text differently. `ReasonController` is the one-pass mode: the K labels are
-already chosen (by label scoring) and forced; only the reasons are generated. `parse_picks` validates free text in
-the same format (e.g. from an unconstrained engine) and raises `PicksParseError`, which keeps the raw text.
+already chosen (by label scoring) and forced; only the reasons are generated. The recommender gives it ONE label
+per sequence (``first_number=i``), so the K reasons are written in parallel, one batch row each, instead of one
+row writing K lines in turn (K times fewer sequential decoding steps); with ``prefilled=True`` the forced
+``"{i}. ({label})"`` goes at the end of the prompt (`prompt_suffix`) and costs no decoding step at all. (Rows
+written in parallel cannot see each other, so the copy guard only spans the lines of one row.) `parse_picks`
+validates free text in the same format (e.g. from an unconstrained engine) and raises `PicksParseError`, which
+keeps the raw text.
 """
 
 from __future__ import annotations
@@ -164,9 +169,12 @@ class _LinesController:
         *,
         min_reason_tokens: int = 2,
         max_reason_tokens: int = 32,
+        first_number: int = 1,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if first_number < 1:
+            raise ValueError(f"first_number must be >= 1, got {first_number}")
         if not 1 <= min_reason_tokens <= max_reason_tokens:
             raise ValueError(
                 f"need 1 <= min_reason_tokens <= max_reason_tokens, got {min_reason_tokens}, {max_reason_tokens}"
@@ -179,17 +187,18 @@ class _LinesController:
         self.min_reason_tokens = min_reason_tokens
         self.max_reason_tokens = max_reason_tokens
         self._facts = _vocab_facts(tokenizer)
-        self._prefixes = [self._line_prefix(i + 1) for i in range(k)]
+        self.first_number = first_number
+        self._prefixes = [self._line_prefix(first_number + i, starts_answer=i == 0) for i in range(k)]
         self.label_ids = self._label_token_ids()
         self._label_of_id = {tid: j for j, tid in enumerate(self.label_ids)}
-        self._state = _State()
+        self._state = self._initial_state()
         self._seen: list[int] = []
 
     # tokenisation of the literals, in context
-    def _line_prefix(self, number: int) -> tuple[int, ...]:
+    def _line_prefix(self, number: int, starts_answer: bool) -> tuple[int, ...]:
         """Token ids of "{number}. (" as they follow the previous line's newline (or start the answer)."""
         text = f"{number}. ("
-        if number == 1:
+        if starts_answer:
             return tuple(self.tokenizer.encode(text))
         context = self.tokenizer.encode("x\n")
         full = self.tokenizer.encode("x\n" + text)
@@ -202,9 +211,9 @@ class _LinesController:
         before = list(self._prefixes[0])
         for label in self.labels:
             alone = self.tokenizer.encode(label)
-            in_context = self.tokenizer.encode(f"1. ({label}")
+            in_context = self.tokenizer.encode(f"{self.first_number}. ({label}")
             if len(alone) != 1 or in_context != before + alone:
-                bad.append(f"{label!r} -> {alone} alone, {in_context[len(before) :]} after '1. ('")
+                bad.append(f"{label!r} -> {alone} alone, {in_context[len(before) :]} after '{self.first_number}. ('")
             else:
                 ids.append(alone[0])
         if bad:
@@ -219,9 +228,12 @@ class _LinesController:
         per_line = max(map(len, self._prefixes)) + 1 + len(self._facts.close_ids) + self.max_reason_tokens + 1
         return self.k * per_line + 1
 
-    # the label step: what subclasses decide
+    # what subclasses decide: the label step, and where generation starts
     def _label_choices(self, state: _State) -> list[int]:
         raise NotImplementedError
+
+    def _initial_state(self) -> _State:
+        return _State()
 
     # transitions
     def _allowed_in(self, s: _State) -> Sequence[int] | IntArray:
@@ -289,7 +301,7 @@ class _LinesController:
         """The state after `generated`, reusing the previous call's work when `generated` extends it."""
         seen = self._seen
         if len(generated) < len(seen) or list(generated[: len(seen)]) != seen:
-            self._state, self._seen = _State(), []
+            self._state, self._seen = self._initial_state(), []
             seen = self._seen
         for token in generated[len(seen) :]:
             self._feed(self._state, int(token), strict=False)
@@ -309,7 +321,7 @@ class _LinesController:
         Raises PicksParseError (with the decoded text) if a token breaks the format, or if the list is incomplete
         and not `allow_partial` (then only the complete lines are returned, e.g. after a timeout).
         """
-        s = _State()
+        s = self._initial_state()
         raw = self.tokenizer.decode(list(token_ids))
         for token in token_ids:
             try:
@@ -364,7 +376,13 @@ class PicksController(_LinesController):
 
 
 class ReasonController(_LinesController):
-    """One-pass mode: the K labels are already ranked; force them in order and generate only the reasons."""
+    """One-pass mode: the K labels are already ranked; force them in order and generate only the reasons.
+
+    The lines are numbered from `first_number` (one row per pick: ``ReasonController(tok, [label],
+    first_number=i)`` writes just ``"{i}. ({label}) <reason>"``). With `prefilled`, the caller has already put the
+    first line's ``"{i}. ({label})"`` at the end of the prompt (append `prompt_suffix`), so the generated ids start
+    with that line's reason: the forced tokens then cost prefill, not one decoding step each.
+    """
 
     def __init__(
         self,
@@ -373,13 +391,36 @@ class ReasonController(_LinesController):
         *,
         min_reason_tokens: int = 2,
         max_reason_tokens: int = 32,
+        first_number: int = 1,
+        prefilled: bool = False,
     ) -> None:
+        self.prefilled = prefilled
         super().__init__(
-            tokenizer, labels, len(labels), min_reason_tokens=min_reason_tokens, max_reason_tokens=max_reason_tokens
+            tokenizer,
+            labels,
+            len(labels),
+            min_reason_tokens=min_reason_tokens,
+            max_reason_tokens=max_reason_tokens,
+            first_number=first_number,
         )
 
     def _label_choices(self, state: _State) -> list[int]:
         return [state.line]
+
+    def _initial_state(self) -> _State:
+        if self.prefilled:  # "{i}. ({label})" is in the prompt: the first line's reason comes next
+            return _State(phase=_Phase.REASON, chosen=[0])
+        return _State()
+
+    @property
+    def prompt_suffix(self) -> str:
+        """The text to append to the prompt when `prefilled`: the first line's ``"{i}. ({label})"``."""
+        return self.tokenizer.decode([*self._prefixes[0], self.label_ids[0], *self._facts.close_ids])
+
+    @property
+    def max_new_tokens(self) -> int:
+        n = super().max_new_tokens
+        return n - (len(self._prefixes[0]) + 1 + len(self._facts.close_ids)) if self.prefilled else n
 
 
 # --- parsing free text ----------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Two ranking modes return the same `Recommendation`:
   their label as the first answer token, in one batched forward pass (optionally over several shuffled candidate
   orders, LLMRank's fix for position bias); that relevance is blended with the retrieval ranking, the diversity
   step (MMR / DPP / quotas) picks K under the category constraint, and only the K reasons are generated, with the
-  labels forced.
+  labels forced: in parallel, one batch row per pick (each row starts with its own ``"i. (L)"`` line and writes
+  only that line's reason), pooled across the requests of a batch; the lines are then assembled in rank order.
 - ``generate``: the model writes the whole ranked, justified list; the constrained decoder only lets it write labels
   that are real, unused candidates keeping the category constraint satisfiable, so the list is valid by construction.
 
@@ -27,7 +28,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from generator.backends.base import Backend
+from generator.backends.base import Backend, GenerationOutput
 from generator.constraints import CategoryConstraint, allowed_next, check_picks, cut_categories, feasible
 from generator.decoding import PicksController, ReasonController
 from generator.diversity import category_similarity, cosine_similarity, diversify
@@ -64,7 +65,24 @@ class GeneratorConfig(BaseModel):
     )
     shuffle_passes: int = Field(default=1, ge=1, le=8, description="Shuffled scoring passes averaged (position bias).")
     max_history: int = Field(default=10, ge=0, description="Most recent history items shown in the prompt.")
-    max_reason_tokens: int = Field(default=28, ge=4, le=64, description="Upper bound on a reason's length in tokens.")
+    # 20 tokens is one short sentence (~15 words); every token is one more decoding step of the whole batch.
+    max_reason_tokens: int = Field(default=20, ge=4, le=64, description="Upper bound on a reason's length in tokens.")
+    reason_prompt: Literal["pick", "candidates"] = Field(
+        default="pick",
+        description="Score mode: what each pick's reason row reads. 'pick': the prompt re-rendered with that one "
+        "candidate (short, and the model can only describe the right item); 'candidates': the full ranking prompt "
+        "(the scoring pass's text: cheap only on an engine that caches prefixes, such as vLLM).",
+    )
+    # Each reason row prefills its own prompt, so its length is most of the reasons' cost; the latest items are
+    # also the ones a reason cites ("goes with the tent you just bought").
+    reason_history: int = Field(
+        default=3, ge=0, description="reason_prompt='pick': most recent history items each reason row shows."
+    )
+    reason_batch: int = Field(
+        default=40,
+        ge=1,
+        description="Score mode: most reason rows (one per pick, pooled over the requests) decoded in one batch.",
+    )
     timeout_s: float = Field(default=30.0, gt=0, description="Model time budget per batch; then the fallback is used.")
     seed: int = Field(default=0, description="Seed of the candidate shuffles.")
 
@@ -224,9 +242,23 @@ class Recommender:
         return picked
 
     # ---------------------------------------------------------------- score mode
-    def _score_mode(self, prepared: Sequence[_Prepared]) -> list[Recommendation]:
+    def score_candidates(
+        self, requests: Sequence[RetrievalRequest], config: GeneratorConfig | None = None
+    ) -> list[tuple[list[Candidate], np.ndarray]]:
+        """Each request's candidates and the LLM's score of each: the one-pass ranking alone, for evaluation.
+
+        The score is log P(label) normalised over the request's labels and averaged over `shuffle_passes`
+        shuffled orders: what score mode blends with the retrieval ranking, before diversity and reasons.
+        """
+        cfg = config or self.config
+        if self.backend is None:
+            raise ValueError("score_candidates needs an LLM backend; this Recommender was built with backend=None")
+        prepared = [self._prepare(r, cfg) for r in requests]
+        return [(p.candidates, s) for p, s in zip(prepared, self._llm_scores(prepared), strict=True)]
+
+    def _llm_scores(self, prepared: Sequence[_Prepared]) -> list[np.ndarray]:
+        """Label log-probabilities, normalised per request, averaged over the shuffled passes (one batch each)."""
         assert self.backend is not None
-        t0 = time.perf_counter()
         cfg0 = prepared[0].config
         rng = np.random.default_rng(cfg0.seed)
         llm = [np.zeros(len(p.views)) for p in prepared]
@@ -246,51 +278,100 @@ class Recommender:
                 s = np.asarray(s, dtype=np.float64)
                 s = s - np.logaddexp.reduce(s)  # normalise over this request's labels
                 llm[i][order] += s / cfg0.shuffle_passes
+        return llm
+
+    def _score_mode(self, prepared: Sequence[_Prepared]) -> list[Recommendation]:
+        t0 = time.perf_counter()
+        llm = self._llm_scores(prepared)
         t_score = (time.perf_counter() - t0) * 1000 / len(prepared)
 
-        chosen: list[list[int]] = []
-        for p, s in zip(prepared, llm, strict=True):
-            rel = _blend(s, p.retrieval_rel, p.config.llm_weight)
-            chosen.append(self._diversify(p, rel))
+        rels = [_blend(s, p.retrieval_rel, p.config.llm_weight) for p, s in zip(prepared, llm, strict=True)]
+        chosen = [self._diversify(p, rel) for p, rel in zip(prepared, rels, strict=True)]
 
         t1 = time.perf_counter()
-        controllers = []
-        reason_prompts = []
-        for p, idx in zip(prepared, chosen, strict=True):
-            labs = [p.views[i].label for i in idx]
-            controllers.append(
-                ReasonController(self.backend.tokenizer, labs, max_reason_tokens=p.config.max_reason_tokens)
-            )
-            reason_prompts.append(p.prompt)
-        max_new = max(c.max_new_tokens for c in controllers)
-        outs = self.backend.generate(reason_prompts, controllers, max_new_tokens=max_new, timeout_s=cfg0.timeout_s)
+        written = self._write_reasons(prepared, chosen)
         t_reason = (time.perf_counter() - t1) * 1000 / len(prepared)
 
         results = []
-        for p, idx, s, ctrl, out in zip(prepared, chosen, llm, controllers, outs, strict=True):
-            if out.finish_reason == "timeout":
-                results.append(self._fallback(p, "timeout while generating reasons", raw=out.text))
+        for p, idx, rel, (reasons, raw, problem) in zip(prepared, chosen, rels, written, strict=True):
+            if reasons is None:
+                results.append(self._fallback(p, problem or "no reasons", raw=raw))
                 continue
-            try:
-                parsed = ctrl.parse(out.token_ids)
-            except ValueError as e:
-                results.append(self._fallback(p, f"unparsable reasons: {e}", raw=out.text))
-                continue
-            rel = _blend(s, p.retrieval_rel, p.config.llm_weight)
-            picks = [(i, pp.reason) for i, pp in zip(idx, parsed, strict=True)]
-            results.append(
-                self._finish(
-                    p, picks, rel, "score", out.text, {"score": round(t_score, 1), "reasons": round(t_reason, 1)}
-                )
-            )
+            picks = list(zip(idx, reasons, strict=True))
+            timings = {"score": round(t_score, 1), "reasons": round(t_reason, 1)}
+            results.append(self._finish(p, picks, rel, "score", raw, timings))
         return results
+
+    def _write_reasons(
+        self, prepared: Sequence[_Prepared], chosen: Sequence[Sequence[int]]
+    ) -> list[tuple[list[str] | None, str, str | None]]:
+        """The reasons of every request's chosen picks, as (reasons, raw text, problem); reasons None on failure.
+
+        One row per pick: the reason prompt followed by that pick's answer line ``"i. (L)"`` (a prefilled
+        `ReasonController` writes only the reason). The rows of all requests are decoded together, in batches of
+        rows of similar length (left padding wastes less); `timeout_s` bounds the whole step. Why rows and not one
+        sequence writing K lines: a decoding step costs about the same for 1 row as for K rows on this CPU, so K
+        rows take ~1/K of the sequential steps; each row prefills its own prompt, though (the transformers backend
+        shares no prefix), hence the short one-candidate prompt by default (`GeneratorConfig.reason_prompt`).
+        """
+        assert self.backend is not None
+        cfg0 = prepared[0].config
+        owners: list[int] = []
+        prompts: list[str] = []
+        controllers: list[ReasonController] = []
+        for r, (p, idx) in enumerate(zip(prepared, chosen, strict=True)):
+            views = [p.views[i] for i in idx]
+            shared = p.config.reason_prompt == "candidates"
+            for line, view in enumerate(views, start=1):
+                ctrl = ReasonController(
+                    self.backend.tokenizer,
+                    [view.label],
+                    first_number=line if shared else 1,  # a one-candidate prompt asks for one pick: "1. (L)"
+                    max_reason_tokens=p.config.max_reason_tokens,
+                    prefilled=True,
+                )
+                base = p.prompt if shared else self._chat_prompt(p, [view], single=True)
+                owners.append(r)
+                prompts.append(base + ctrl.prompt_suffix)
+                controllers.append(ctrl)
+
+        outs: list[GenerationOutput | None] = [None] * len(prompts)
+        deadline = time.monotonic() + cfg0.timeout_s
+        by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(by_length), cfg0.reason_batch):
+            rows = by_length[start : start + cfg0.reason_batch]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break  # the rows left stay None: their requests fall back ("timeout")
+            got = self.backend.generate(
+                [prompts[i] for i in rows],
+                [controllers[i] for i in rows],
+                max_new_tokens=max(controllers[i].max_new_tokens for i in rows),
+                timeout_s=left,
+            )
+            for i, out in zip(rows, got, strict=True):
+                outs[i] = out
+
+        per_request: list[list[tuple[ReasonController, GenerationOutput | None]]] = [[] for _ in prepared]
+        for r, ctrl, maybe in zip(owners, controllers, outs, strict=True):
+            per_request[r].append((ctrl, maybe))
+        return [_assemble_reasons(rows) for rows in per_request]
 
     def _render_order(self, p: _Prepared, order: np.ndarray) -> str:
         """The prompt with the candidates in `order`; labels follow positions, so they are re-assigned."""
-        assert self.backend is not None
         labs = labels(len(p.views))
-        views = [p.views[j].model_copy(update={"label": labs[pos]}) for pos, j in enumerate(order)]
-        rendered = self.prompts.render(p.config.variant, self._prompt_input(p.request, views, p.config))
+        return self._chat_prompt(p, [p.views[j].model_copy(update={"label": labs[pos]}) for pos, j in enumerate(order)])
+
+    def _chat_prompt(self, p: _Prepared, views: Sequence[CandidateView], single: bool = False) -> str:
+        """The chat-formatted prompt of `p`'s request showing only `views` (e.g. reordered, or just the picks)."""
+        assert self.backend is not None
+        cfg = p.config
+        if single:  # one candidate to justify: the picking rules do not apply, the latest history is enough
+            cfg = cfg.model_copy(update={"max_history": min(cfg.max_history, cfg.reason_history)})
+        data = self._prompt_input(p.request, views, cfg)
+        if single:
+            data = data.model_copy(update={"k": 1, "max_per_category": None, "min_categories": None})
+        rendered = self.prompts.render(p.config.variant, data)
         return self.backend.tokenizer.chat_template(
             [{"role": "system", "content": rendered.system}, {"role": "user", "content": rendered.user}]
         )
@@ -428,6 +509,26 @@ class Recommender:
             fallback_reason=None if mode is not None else reason,
             raw_text=raw,
         )
+
+
+def _assemble_reasons(
+    rows: Sequence[tuple[ReasonController, GenerationOutput | None]],
+) -> tuple[list[str] | None, str, str | None]:
+    """One request's reason rows, in rank order -> (reasons, the K lines as one raw text, problem)."""
+    raw = "".join(
+        f"{n}." + ctrl.prompt_suffix[len(f"{ctrl.first_number}.") :] + (out.text if out is not None else "")
+        for n, (ctrl, out) in enumerate(rows, start=1)
+    )
+    reasons = []
+    for n, (ctrl, out) in enumerate(rows, start=1):
+        if out is None or out.finish_reason == "timeout":  # None: the time budget ran out before its batch
+            return None, raw, "timeout while generating reasons"
+        try:
+            (parsed,) = ctrl.parse(out.token_ids)
+        except ValueError as e:
+            return None, raw, f"unparsable reasons: line {n}: {e}"
+        reasons.append(parsed.reason)
+    return reasons, raw, None
 
 
 def _blend(llm: np.ndarray, retrieval: np.ndarray, w: float) -> np.ndarray:

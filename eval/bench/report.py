@@ -30,9 +30,7 @@ def retrieval_table(r: dict[str, Any]) -> str:
     for ds, d in r["datasets"].items():
         for name, m in d["results"].items():
             label = f"**{name}**" if name == "fusion" else name
-            lines.append(
-                f"| {ds} | {label} | {_ci(m['recall@20'])} | {_ci(m['recall@50'])} | {_ci(m['ndcg@10'])} |"
-            )
+            lines.append(f"| {ds} | {label} | {_ci(m['recall@20'])} | {_ci(m['recall@50'])} | {_ci(m['ndcg@10'])} |")
     checks = []
     for ds, d in r["datasets"].items():
         c = d["checks"]
