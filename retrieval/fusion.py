@@ -111,17 +111,24 @@ class FusionRetriever:
             lists, self.config.weights.get(mode, {}), self.config.rrf_k, len(self.catalog), self.config.method
         )
 
-    def score(self, request: RetrievalRequest) -> np.ndarray | None:
+    def _fused(self, request: RetrievalRequest) -> tuple[SignalLists, np.ndarray | None]:
         lists = self.signal_lists(request)
-        if not lists:
-            return None
-        return self.fuse(lists, request.mode)
+        fused = self.fuse(lists, request.mode) if lists else None
+        if fused is None or not np.isfinite(fused).any():
+            # Cold start: fitted weights may give 0 to the only signals that still apply (popularity for a new
+            # user), so fall back to every applicable signal with equal weight rather than return nothing.
+            lists = self.signal_lists(request, names=list(self.retrievers))
+            equal = {name: 1.0 for name in lists}
+            fused = fuse_lists(lists, equal, self.config.rrf_k, len(self.catalog), "rrf") if lists else None
+        return lists, fused
+
+    def score(self, request: RetrievalRequest) -> np.ndarray | None:
+        return self._fused(request)[1]
 
     def retrieve(self, request: RetrievalRequest, k: int) -> list[Candidate]:
-        lists = self.signal_lists(request)
-        if not lists:
+        lists, fused = self._fused(request)
+        if fused is None:
             return []
-        fused = self.fuse(lists, request.mode)
         rows = top_k(fused, k)
         evidence: dict[int, dict[str, SignalEvidence]] = {int(r): {} for r in rows}
         for name, (srows, sscores) in lists.items():

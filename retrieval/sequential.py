@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,17 +32,33 @@ _META_FILE = "sasrec.json"
 _FORMAT_VERSION = 1
 
 
+_POSITIVE_INTS = (
+    "hidden_dim",
+    "num_blocks",
+    "num_heads",
+    "max_len",
+    "batch_size",
+    "epochs",
+    "patience",
+    "eval_every",
+    "holdout_users",
+)
+
+
 @dataclass
 class SASRecConfig:
-    """Hyper-parameters of the SASRec retriever. Defaults were tuned on ml-100k and Amazon Office (leave-one-out,
-    full ranking): see the module docstring of the benchmark for the numbers."""
+    """Hyper-parameters of the SASRec retriever, validated on creation. Defaults were tuned on ml-100k and Amazon
+    Office (leave-one-out, full ranking; the measurements are in the module docstring)."""
 
     hidden_dim: int = 64  # item/position embedding size; 64 is the usual SASRec size for catalogs of ~1-10k items
     num_blocks: int = 2  # causal self-attention blocks
     num_heads: int = 1  # attention heads per block; must divide hidden_dim
-    dropout: float = 0.2  # on embeddings, attention and feed-forward; small datasets overfit without it
-    max_len: int = 200  # the most recent items a sequence is cut to (training and scoring)
-    lr: float = 1e-3  # AdamW learning rate
+    # On embeddings, attention and feed-forward. None = chosen by `fit` from the data: 0.5 when the median
+    # training history is under 20 items (sparse logs such as Amazon Office: 0.055 vs 0.050 NDCG@10 with 0.2),
+    # else 0.2 (long histories such as ml-100k: 0.117 vs 0.098 with 0.5).
+    dropout: float | None = None
+    max_len: int = 50  # the most recent items a sequence is cut to (training and scoring); see the module doc
+    lr: float = 2e-3  # AdamW learning rate; 1e-3 reaches the same NDCG in ~1.6x the epochs
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     batch_size: int = 128  # sequences per optimiser step
     epochs: int = 200  # upper bound; early stopping usually ends training sooner
@@ -53,6 +69,9 @@ class SASRecConfig:
     seed: int = 0  # seeds weight init, dropout and batch order: the same seed gives the same model
     num_threads: int | None = None  # torch CPU threads during fit/score; None leaves torch's setting alone
     progress: bool = True  # show a tqdm bar with loss, validation NDCG@10 and ETA
+    # Without validation cases, `fit` holds out the last event of this many users (all of them if fewer) for early
+    # stopping; those events are not trained on, so more is a less noisy stop at the price of training data.
+    holdout_users: int = 1000
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -60,9 +79,8 @@ class SASRecConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"SASRecConfig.{name} must be a positive integer, got {v!r}.")
 
-        for name in ("hidden_dim", "num_blocks", "num_heads", "max_len", "batch_size", "epochs", "patience"):
+        for name in _POSITIVE_INTS:
             positive_int(name)
-        positive_int("eval_every")
         for name in ("stride", "num_threads"):
             if getattr(self, name) is not None:
                 positive_int(name)
@@ -70,7 +88,7 @@ class SASRecConfig:
             raise ValueError(
                 f"SASRecConfig.hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})."
             )
-        if not (0.0 <= self.dropout < 1.0):
+        if self.dropout is not None and not (0.0 <= self.dropout < 1.0):
             raise ValueError(f"SASRecConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"SASRecConfig.lr must be a finite number > 0, got {self.lr!r}.")
@@ -99,7 +117,7 @@ class FitReport:
 
     epochs_run: int = 0
     best_epoch: int = 0
-    best_valid_ndcg10: float = float("nan")
+    best_valid_ndcg10: float | None = None  # None when there were no validation cases
     train_seconds: float = 0.0
     n_train_windows: int = 0  # training windows (a history longer than max_len + 1 gives several)
     n_valid_cases: int = 0
@@ -132,24 +150,28 @@ class SequentialRetriever(ScoringRetriever):
         super().__init__(catalog)
         self.config = config or SASRecConfig()
         self.report = FitReport()
-        self._model: Any = None  # a `_SASRec` once fitted or loaded
+        self._model: Any = None  # the torch module built by `_build_model`, once fitted or loaded
 
     # ------------------------------------------------------------------ training
     def fit(self, histories: Mapping[str, Sequence[Interaction]], validation: ValidationCases | None = None) -> None:
         """Train on each user's time-ordered item sequence (oldest first, as `events.histories` gives them).
 
         Early stopping uses `validation` cases when given: `eval.splits.Case`s or (history, target) tuples, e.g. the
-        leave-one-out validation items, whose targets are not in `histories`. Without them the last event of every
-        sequence with at least 3 events is held out as the validation target and is not trained on (honest, at the
-        price of one transition per user: about -0.01 NDCG@10 on ml-100k, see the module docstring).
+        leave-one-out validation items, whose targets are not in `histories`. Without them the last event of
+        `config.holdout_users` users (with at least 3 events) is held out as the validation target and is not
+        trained on: honest, at the price of one transition per held-out user (see the module docstring).
         """
         import torch
 
         cfg = self.config
         seqs = [self.catalog.rows([ev.item_id for ev in evs]) for _, evs in sorted(histories.items())]
         if validation is None:
-            cases = [(s[:-1], s[-1]) for s in seqs if len(s) >= 3]
-            seqs = [s[:-1] if len(s) >= 3 else s for s in seqs]
+            # hold out the last event of up to `holdout_users` users (chosen by seed) for early stopping
+            eligible = [i for i, s in enumerate(seqs) if len(s) >= 3]
+            chosen = np.random.default_rng(cfg.seed).permutation(eligible)[: cfg.holdout_users]
+            cases = [(seqs[i][:-1], seqs[i][-1]) for i in sorted(chosen)]
+            for i in chosen:
+                seqs[i] = seqs[i][:-1]
         else:
             cases = []
             for case in validation:
@@ -160,6 +182,8 @@ class SequentialRetriever(ScoringRetriever):
         seqs = [s for s in seqs if len(s) >= 2]
         if not seqs:
             raise ValueError("SASRec needs at least one history with 2 or more catalog items to learn from.")
+        if cfg.dropout is None:
+            self.config = cfg = replace(cfg, dropout=0.5 if np.median([len(s) for s in seqs]) < 20 else 0.2)
 
         threads = torch.get_num_threads()
         if cfg.num_threads is not None:
@@ -393,6 +417,8 @@ def _build_model(n_items: int, cfg: SASRecConfig) -> Any:
     import torch
     from torch import nn
 
+    p = cfg.dropout if cfg.dropout is not None else 0.2  # `fit` resolves None from the data before building
+
     class Block(nn.Module):
         """Pre-norm causal self-attention + position-wise feed-forward, each with a residual connection."""
 
@@ -403,8 +429,8 @@ def _build_model(n_items: int, cfg: SASRecConfig) -> Any:
             self.qkv = nn.Linear(d, 3 * d)
             self.proj = nn.Linear(d, d)
             self.norm2 = nn.LayerNorm(d)
-            self.ff = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, d))
-            self.drop = nn.Dropout(cfg.dropout)
+            self.ff = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(p), nn.Linear(d, d))
+            self.drop = nn.Dropout(p)
 
         def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             b, n, d = x.shape
@@ -414,7 +440,7 @@ def _build_model(n_items: int, cfg: SASRecConfig) -> Any:
                 k.transpose(1, 2),
                 v.transpose(1, 2),
                 attn_mask=mask,
-                dropout_p=cfg.dropout if self.training else 0.0,
+                dropout_p=p if self.training else 0.0,
             )
             x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
             return x + self.drop(self.ff(self.norm2(x)))
@@ -425,7 +451,7 @@ def _build_model(n_items: int, cfg: SASRecConfig) -> Any:
             d = cfg.hidden_dim
             self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)  # shared by input and output
             self.pos_emb = nn.Embedding(cfg.max_len, d)
-            self.drop = nn.Dropout(cfg.dropout)
+            self.drop = nn.Dropout(p)
             self.blocks = nn.ModuleList([Block() for _ in range(cfg.num_blocks)])
             self.norm = nn.LayerNorm(d)
             nn.init.normal_(self.item_emb.weight, std=d**-0.5)

@@ -109,3 +109,16 @@ def test_config_validation_names_the_bad_value():
         FusionConfig(weights={"user": {"dense": -1}})
     cfg = FusionConfig(weights={"user": {"a": 0.5}}, rrf_k=5, depth=10)
     assert FusionConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_cold_start_falls_back_to_signals_with_zero_weight(catalog):
+    class OnlyWithoutHistory(Fixed):
+        def score(self, request):
+            return None if request.history else super().score(request)
+
+    pop = OnlyWithoutHistory(catalog, "popularity", [1, 2, 3, 4, 5])
+    knn = Fixed(catalog, "itemknn", [5, 4, 3, 2, 1])
+    fusion = FusionRetriever(catalog, [pop, knn], FusionConfig(weights={"user": {"popularity": 0, "itemknn": 1}}))
+    # itemknn does not apply to a cold user here -> popularity is used although its fitted weight is 0
+    knn.score = lambda request: None  # type: ignore[method-assign]
+    assert [c.item_id for c in fusion.retrieve(RetrievalRequest(), 2)] == ["i4", "i3"]

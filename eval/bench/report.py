@@ -7,6 +7,7 @@ between the markers is replaced, so the prose around it stays hand-written.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -75,6 +76,10 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
 }
 
 
+def _splice(m: re.Match[str], table: str) -> str:
+    return m.group(1) + table + m.group(3)
+
+
 def update_readme(readme: Path = ROOT / "README.md", results: Path = RESULTS) -> list[str]:
     text = readme.read_text(encoding="utf-8")
     done = []
@@ -84,7 +89,7 @@ def update_readme(readme: Path = ROOT / "README.md", results: Path = RESULTS) ->
         if not path.is_file() or not pattern.search(text):
             continue
         table = render(json.loads(path.read_text(encoding="utf-8")))
-        text = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(3), text)
+        text = pattern.sub(functools.partial(_splice, table=table), text)
         done.append(name)
     tmp = readme.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
