@@ -191,7 +191,9 @@ def test_sasrec_cart_mode_appends_the_cart(fitted: dict[str, ScoringRetriever]) 
 
 def test_sasrec_is_deterministic_by_seed(catalog: Catalog) -> None:
     hist = chain_histories(n_users=60)
-    cfg = SASRecConfig(hidden_dim=16, max_len=10, epochs=3, eval_every=1, num_threads=1, progress=False)
+    cfg = SASRecConfig(
+        hidden_dim=16, max_len=10, epochs=3, eval_every=1, holdout_users=25, num_threads=1, progress=False
+    )
     req = RetrievalRequest(history=(iid(0), iid(1)))
     runs = []
     for _ in range(2):
@@ -200,7 +202,7 @@ def test_sasrec_is_deterministic_by_seed(catalog: Catalog) -> None:
         runs.append(r.score(req))
     assert runs[0] is not None and runs[1] is not None
     np.testing.assert_array_equal(runs[0], runs[1])
-    assert r.report.epochs_run == 3 and r.report.n_valid_cases == 60
+    assert r.report.epochs_run == 3 and r.report.n_valid_cases == 25  # 25 of the 60 users' last events held out
 
 
 def test_sasrec_early_stops_on_the_given_validation_cases_and_keeps_the_best_weights(catalog: Catalog) -> None:
