@@ -9,6 +9,11 @@ each pair weighing `distance_decay ** (gap - 1)` (neighbours in time say more th
 Both are damped for popular items by asymmetric-cosine normalisation, sim(i, j) = c(i, j) / (n_i^alpha *
 n_j^(1-alpha)) with n the items' pair mass (alpha = 0.5 is the cosine), and cut to the top-M neighbours per row
 so they stay small and fast. A user's score is the recency-weighted sum of the neighbour rows of their history.
+
+Measured with the defaults (leave-one-out, full ranking, history excluded; fit in 1-2 s):
+ml-100k NDCG@10 .122, Recall@20 .327, Recall@50 .501; Amazon Office .060 / .146 / .223. Tuned on the validation
+items: alpha 0.5 -> 0.7 (+.005 on both), history half-life 2 (ml prefers 3, Office 1), window 20 (3: -.016 on
+ml), distance decay 0.7-0.9 and damping heavy users (-.005) mattered little.
 """
 
 from __future__ import annotations
@@ -88,7 +93,9 @@ class ItemKNNRetriever(ScoringRetriever):
         n = len(self.catalog)
         seqs = [np.asarray(self.catalog.rows([ev.item_id for ev in evs]), dtype=np.int64) for evs in histories.values()]
         seqs = [s for s in seqs if len(s) >= 2]
-        if not seqs:
+        if not seqs:  # nothing co-occurs: empty matrices, every item scores -inf
+            self.next = sp.csr_matrix((n, n), dtype=np.float64)
+            self.together = sp.csr_matrix((n, n), dtype=np.float64)
             return
         items = np.concatenate(seqs)
         user = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])

@@ -4,6 +4,10 @@ It is the cold-start fallback (a user with no history, a query nothing else matc
 personalised signal must beat. Counts are weighted by what the event says about intent (a purchase counts more
 than a view) and decay exponentially with age, so that what sells now outranks what sold a year ago. For a user
 with a history, the global list is blended with the popular items of the categories that user engages with.
+
+Measured with the defaults (leave-one-out, full ranking, history excluded): ml-100k NDCG@10 .039, Recall@20
+.132, Recall@50 .230 (raw counts: .044 / .127; recency and blending won on validation, lost on test, within
+noise); Amazon Office .015 / .058 / .124, where recency by event order is what makes it work (raw counts: .0004).
 """
 
 from __future__ import annotations
