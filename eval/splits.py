@@ -1,16 +1,33 @@
-"""Deterministic evaluation splits over time-ordered user histories.
+"""Deterministic evaluation splits over time-ordered user histories, and the candidate protocols.
 
-Leave-one-out (LlamaRec, SASRec, LC-Rec convention): for each user with at least 3 events, the last item is the
-test target, the second-to-last the validation target and the rest the training history. Users with fewer events
-stay in training only (they are never evaluated).
+Splits (each returns train histories, validation cases and test cases; a model trains on `train` only):
+- leave-one-out (LlamaRec, SASRec, LC-Rec convention): for each user with at least 3 events, the last item is the
+  test target, the second-to-last the validation target and the rest the training history. Users with fewer events
+  stay in training only (they are never evaluated).
+- temporal: one global time cut-off; what happened before it is known, each user's first event after it is the
+  test target (see `temporal_split`). Closer to deployment: no user's future leaks into another user's training.
+
+Candidate protocols (what a system ranks for a test case), named in `PROTOCOLS`:
+- ``full``: every catalog item except the user's history (LlamaRec's "ranking against all items");
+- ``sampled``: the target plus 19 random items the user never touched, seeded per user (LLMRank) — easy, and
+  only comparable to other sampled numbers;
+- ``retrieved``: the fused retrieval's top-N; a target the retrieval misses is a miss for every system (realistic).
 """
 
 from __future__ import annotations
 
+import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
 
 from retrieval.types import Interaction
+
+PROTOCOLS = ("full", "sampled", "retrieved")
+SPLITS = ("loo", "temporal")
 
 
 @dataclass(frozen=True)
@@ -23,10 +40,15 @@ class Case:
 
 
 @dataclass(frozen=True)
-class LeaveOneOut:
+class Split:
+    """Training histories (what models may learn from), validation cases (tuning) and test cases (reporting)."""
+
     train: dict[str, list[Interaction]]
     valid: list[Case]
     test: list[Case]
+
+
+LeaveOneOut = Split  # the original name, kept for the callers that use it
 
 
 def leave_one_out(histories: Mapping[str, Sequence[Interaction]], min_events: int = 3) -> LeaveOneOut:
@@ -48,3 +70,84 @@ def leave_one_out(histories: Mapping[str, Sequence[Interaction]], min_events: in
         valid.append(Case(user, hist, evs[-2].item_id))
         test.append(Case(user, (*hist, evs[-2].item_id), evs[-1].item_id))
     return LeaveOneOut(train=train, valid=valid, test=test)
+
+
+def temporal_split(
+    histories: Mapping[str, Sequence[Interaction]],
+    *,
+    train_fraction: float = 0.8,
+    cutoff: datetime | None = None,
+) -> Split:
+    """Split at one global cut-off: the past trains, each user's first event after the cut-off is the test target.
+
+    The cut-off is `cutoff` if given, else the time below which `train_fraction` of all events fall (the event at
+    index floor(fraction · n) of the sorted timestamps; events strictly before it are "past"). Per user with at
+    least one past event and one event after the cut-off: test = (all past events -> the first later event); the
+    last past event is the validation target (history = the past events before it) and is left out of `train`, as
+    leave-one-out does, so tuning never sees a training item. Users with no past event are cold and not evaluated.
+
+    Without timestamps on every event (e.g. LC-Rec JSON, which has positions only) there is no shared clock, so
+    each user is cut on its own: the first ceil(fraction · n) events are the past. Sorted user order: deterministic.
+    """
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    timed = all(e.timestamp is not None for evs in histories.values() for e in evs)
+    if cutoff is None and timed:
+        stamps = sorted(e.timestamp for evs in histories.values() for e in evs)  # type: ignore[type-var]
+        cutoff = stamps[min(int(train_fraction * len(stamps)), len(stamps) - 1)] if stamps else None
+    train: dict[str, list[Interaction]] = {}
+    valid: list[Case] = []
+    test: list[Case] = []
+    for user in sorted(histories):
+        evs = list(histories[user])
+        if cutoff is not None and timed:
+            past = [e for e in evs if e.timestamp < cutoff]  # type: ignore[operator]
+        else:
+            past = evs[: math.ceil(train_fraction * len(evs))]
+        future = evs[len(past) :]
+        if not past or not future:
+            train[user] = past
+            continue
+        train[user] = past[:-1]
+        if len(past) >= 2:
+            valid.append(Case(user, tuple(e.item_id for e in past[:-1]), past[-1].item_id))
+        test.append(Case(user, tuple(e.item_id for e in past), future[0].item_id))
+    return Split(train=train, valid=valid, test=test)
+
+
+def make_split(name: str, histories: Mapping[str, Sequence[Interaction]]) -> Split:
+    """The split called `name` ('loo' or 'temporal'); ValueError naming the valid ones otherwise."""
+    if name == "loo":
+        return leave_one_out(histories)
+    if name == "temporal":
+        return temporal_split(histories)
+    raise ValueError(f"unknown split {name!r}; valid splits: {', '.join(SPLITS)}")
+
+
+def case_rng(seed: int, user_id: str) -> np.random.Generator:
+    """A generator seeded by (seed, user): a user's draws do not depend on which other users are evaluated."""
+    return np.random.default_rng([seed, zlib.crc32(user_id.encode())])
+
+
+def sampled_candidates(case: Case, item_ids: Sequence[str], *, n_negatives: int = 19, seed: int = 0) -> list[str]:
+    """LLMRank's candidate set: the target plus `n_negatives` random items outside the user's history, shuffled.
+
+    Deterministic for (seed, user). Fewer negatives only when the catalog has fewer unseen items.
+    """
+    rng = case_rng(seed, case.user_id)
+    seen = set(case.history) | {case.target}
+    pool = [i for i in item_ids if i not in seen]
+    take = min(n_negatives, len(pool))
+    picked = [pool[j] for j in rng.choice(len(pool), size=take, replace=False)] if take else []
+    out = [case.target, *picked]
+    return [out[j] for j in rng.permutation(len(out))]
+
+
+def sample_users(cases: Sequence[Case], n: int | None, seed: int) -> list[Case]:
+    """A seeded sample of n cases, kept in their original (sorted user) order; all of them when n is None."""
+    if n is None or n >= len(cases):
+        return list(cases)
+    if n < 1:
+        raise ValueError(f"the number of users must be >= 1, got {n}")
+    pick = np.sort(np.random.default_rng(seed).choice(len(cases), size=n, replace=False))
+    return [cases[i] for i in pick]
