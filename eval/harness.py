@@ -389,7 +389,9 @@ def _fit_fusion(catalog: Catalog, retrievers: Sequence[Any], cases: Sequence[Cas
     prepared = []
     for c in cases:
         if c.target in catalog.index:
-            lists = fusion.signal_lists(RetrievalRequest(user_id=c.user_id, history=c.history), names=list(fusion.retrievers))
+            lists = fusion.signal_lists(
+                RetrievalRequest(user_id=c.user_id, history=c.history), names=list(fusion.retrievers)
+            )
             prepared.append((lists, catalog.index[c.target]))
     weights, rrf_k, _, method = fit_weights(prepared, list(fusion.retrievers), len(catalog), k=20)
     fusion.config = FusionConfig(

@@ -302,5 +302,10 @@ def demo(
     run_demo(home, seed=seed, console=console)
 
 
+# `eval` and `ab offline` live in their own module; registered here with this module's error handling.
+from shoprec import cli_eval  # noqa: E402
+
+cli_eval.register(app, _friendly_errors)
+
 if __name__ == "__main__":
     app()
