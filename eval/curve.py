@@ -2,7 +2,7 @@
 
 For each base config of a run that is the fusion (retrieval order + the diversity step) or the LLM stage in score
 mode, the sweep holds everything fixed but the step after ranking: pure relevance, MMR over λ with category or
-embedding similarity, DPP, and hard per-category quotas, each over a pool of the top 10 or 20 candidates (the LLM
+embedding similarity, DPP, and hard per-category quotas, each over a pool of the top 20 or 50 candidates (the LLM
 stage keeps its own n_candidates: the pool is what it scored). Categories are counted at the run's metric level.
 
 The target (issue 5): a setting that raises category coverage@5 by >= 30% over pure relevance while losing
@@ -57,7 +57,7 @@ def curve_configs(configs: Sequence[EvalConfig], level: int) -> list[EvalConfig]
     out = []
     for base in bases:
         own_n = base.generator_config().n_candidates
-        pools = (10, 20) if base.system == "fusion" else (own_n,)
+        pools = (20, 50) if base.system == "fusion" else (own_n,)
         for label, overrides, sim in _settings(level, pools):
             if base.system == "llm":
                 overrides = {k: v for k, v in overrides.items() if k != "n_candidates"}

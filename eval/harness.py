@@ -119,6 +119,12 @@ class EvalConfig(BaseModel):
     model: str | None = Field(default=None, description="LLM model (default: the embedded SmolLM2-135M).")
     adapter: str | None = Field(default=None, description="A LoRA adapter folder (the 'tuned' LLM stage).")
     batch_size: int = Field(default=8, ge=1, description="LLM requests per batch.")
+    max_users: int | None = Field(
+        default=None,
+        ge=1,
+        description="Evaluate this config on only the first N users of the run's sample (for slow settings such as "
+        "generated reasons; its CIs are then wider).",
+    )
     perturb: Literal["none", "reverse", "shuffle"] = Field(
         default="none",
         description="A deliberately broken variant, to check the harness: reverse or shuffle each final list "
@@ -476,12 +482,16 @@ def _rerank(
     from generator.constraints import CategoryConstraint, cut_categories, feasible
     from generator.diversity import category_similarity, cosine_similarity, diversify
 
-    pool = list(ids[: gcfg.n_candidates])
-    rel = np.asarray(relevance[: len(pool)], dtype=np.float64)
-    k = min(gcfg.k, len(pool))
+    n = gcfg.n_candidates
     constraint: CategoryConstraint | None = gcfg.constraint
     if constraint is not None and constraint.max_per_category is None and constraint.min_categories is None:
         constraint = None
+    keep = list(range(min(n, len(ids))))
+    if constraint is not None:
+        keep = _widen(constraint, [prep.catalog[i].category_at(constraint.level) for i in ids], n, gcfg.k)
+    pool = [ids[j] for j in keep]
+    rel = np.asarray(relevance, dtype=np.float64)[keep]
+    k = min(gcfg.k, len(pool))
     paths = [" > ".join(prep.catalog[i].category) for i in pool]
     infeasible = False
     if constraint is not None and feasible(constraint, paths, k) is not None:
@@ -510,8 +520,32 @@ def _rerank(
     return [pool[i] for i in order], infeasible
 
 
+def _widen(constraint: Any, cats: Sequence[str], n: int, k: int) -> list[int]:
+    """Indices of a pool of n from a relevance-ordered list whose categories can meet the constraint.
+
+    As the generator does (`Recommender._retrieve_feasible`): while the top n cannot satisfy it, the best item of
+    a category not yet in the pool replaces the weakest item of the most represented category. Relevance order kept.
+    """
+    from generator.constraints import feasible
+
+    pool = list(range(min(n, len(cats))))
+    have = {cats[j] for j in pool}
+    extra = []
+    for j in range(len(pool), len(cats)):
+        if cats[j] not in have:
+            have.add(cats[j])
+            extra.append(j)
+    for j in extra:
+        if feasible(constraint, [cats[i] for i in pool], k) is None:
+            break
+        counts = Counter(cats[i] for i in pool)
+        victim = max(range(len(pool)), key=lambda p: (counts[cats[pool[p]]], p))
+        pool[victim] = j
+    return sorted(pool)
+
+
 def run_retriever(
-    cfg: EvalConfig, prep: Prepared, candidates: Mapping[str, list[str]] | None, seed: int
+    cfg: EvalConfig, prep: Prepared, cases: Sequence[Case], candidates: Mapping[str, list[str]] | None, seed: int
 ) -> list[CaseOutput]:
     """A retrieval signal or the fusion: top n_candidates over the protocol's candidates, then the diversity step."""
     from retrieval.base import top_k
@@ -519,8 +553,11 @@ def run_retriever(
     gcfg = cfg.generator_config()
     scorer = _fusion_for(prep, tuple(cfg.signals)) if cfg.system == "fusion" else prep.retrievers[cfg.system]
     depth = max(gcfg.n_candidates, gcfg.k)
+    c = gcfg.constraint
+    if c is not None and (c.max_per_category is not None or c.min_categories is not None):
+        depth = max(depth * 5, 200)  # room to widen the pool for the constraint, as the generator does
     out: list[CaseOutput] = []
-    for case in prep.cases:
+    for case in cases:
         t0 = time.perf_counter()
         request = _request(case)
         mask = prep.catalog.mask(request.filters, request.history)
@@ -592,6 +629,7 @@ def make_llm_backend(cfg: EvalConfig) -> Any:
 def run_llm(
     cfg: EvalConfig,
     prep: Prepared,
+    cases: Sequence[Case],
     candidates: Mapping[str, list[str]] | None,
     backend: Any,
     log: Callable[[str], None] = lambda _: None,
@@ -607,7 +645,7 @@ def run_llm(
     gcfg = cfg.generator_config()
     fusion = _fusion_for(prep, tuple(cfg.signals))
     lists: dict[str, list[Candidate]] = {}
-    for case in prep.cases:
+    for case in cases:
         request = _request(case)
         if candidates is None:  # the fusion's own list, deep enough for the generator's category widening
             lists[case.user_id] = fusion.retrieve(request, max(gcfg.n_candidates * 5, 200))
@@ -630,8 +668,8 @@ def run_llm(
         score_cache=score_cache,
     )
     out: list[CaseOutput] = []
-    for start in range(0, len(prep.cases), cfg.batch_size):
-        batch = prep.cases[start : start + cfg.batch_size]
+    for start in range(0, len(cases), cfg.batch_size):
+        batch = cases[start : start + cfg.batch_size]
         requests = [_request(c) for c in batch]
         results: dict[int, tuple[Any, bool, list[str], float]] = {}
         for idxs, use_cfg, infeasible in _by_feasibility(rec, requests, gcfg):
@@ -661,7 +699,7 @@ def run_llm(
                     infeasible=infeasible,
                 )
             )
-        log(f"  {cfg.label}: {len(out)}/{len(prep.cases)} users")
+        log(f"  {cfg.label}: {len(out)}/{len(cases)} users")
     return out
 
 
@@ -806,19 +844,21 @@ def evaluate(
     systems: dict[str, Any] = {}
     for cfg in configs:
         t0 = time.perf_counter()
+        cases = prep.cases[: cfg.max_users] if cfg.max_users else prep.cases
         if cfg.system == "llm":
             key = f"{cfg.backend}|{cfg.model}|{cfg.adapter}"
             if key not in backends:
                 backends[key] = make_llm_backend(cfg)
-            outputs = run_llm(cfg, prep, candidates, backends[key], log, score_caches.setdefault(key, {}))
+            outputs = run_llm(cfg, prep, cases, candidates, backends[key], log, score_caches.setdefault(key, {}))
         else:
-            outputs = run_retriever(cfg, prep, candidates, seed)
-        values = case_metrics(prep, prep.cases, outputs)
-        summary = summarise(prep, prep.cases, outputs, values, seed)
+            outputs = run_retriever(cfg, prep, cases, candidates, seed)
+        values = case_metrics(prep, cases, outputs)
+        summary = summarise(prep, cases, outputs, values, seed)
         systems[cfg.label] = {
             "config": cfg.model_dump(mode="json"),
             "generator": cfg.generator_config().model_dump(mode="json"),
             **summary,
+            "users": len(cases),
             "per_user": {k: [round(float(x), 5) for x in values[k]] for k in PER_USER_KEYS},
             "seconds": round(time.perf_counter() - t0, 1),
             "examples": _examples(prep, outputs[:2]),

@@ -37,7 +37,9 @@ def system_rows(result: Mapping[str, Any]) -> list[str]:
             "| "
             + " | ".join(
                 [
-                    name,
+                    name
+                    if s.get("users", result["test_users"]) == result["test_users"]
+                    else f"{name} (n={s['users']})",
                     ci(m["ndcg@10"]),
                     ci(m["recall@10"]),
                     _mean(m["mrr@10"]),
