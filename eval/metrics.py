@@ -221,6 +221,10 @@ def _words(text: str) -> set[str]:
     return out
 
 
+def _leaf(path: str) -> str:
+    return path.rsplit(" > ", 1)[-1].strip().lower()
+
+
 def reason_grounded(
     reason: str,
     *,
@@ -238,8 +242,9 @@ def reason_grounded(
     stop words and filler such as "recent" or "popular"):
     1. it cites a history item: it shares a word with a history title that is not also in the pick's own title
        (describing the pick is not citing the history);
-    2. it names a shared category: some level of the pick's category path (e.g. "Office Electronics") appears in
-       the reason verbatim (case-insensitive) and the same category appears in the history;
+    2. it names a shared category: the name of some level of the pick's category path (the last part of each
+       ' > '-joined prefix given, e.g. "Power Drills") appears in the reason verbatim (case-insensitive) and the
+       history has a category of that name;
     3. it names a shared brand: the pick's brand appears in the reason and in the history's brands;
     4. it cites the query: it shares a word with the query that also occurs in the pick's title or category.
     Generic praise ("a great pick") confirms nothing and is not grounded.
@@ -250,9 +255,9 @@ def reason_grounded(
     for title in history_titles:
         if (words & _words(title)) - own:
             return True
-    hist_cats = {c.lower() for c in history_categories if c}
+    hist_cats = {_leaf(c) for c in history_categories if c}
     for cat in pick_categories:
-        c = cat.lower()
+        c = _leaf(cat)
         if c and c in hist_cats and c in text:
             return True
     brand = pick_brand.strip().lower()
