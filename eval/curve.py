@@ -21,7 +21,7 @@ NDCG_LOSS = 0.03  # relative NDCG@10 loss it allows
 SEP = " / "
 
 
-def _settings(level: int, pools: Sequence[int]) -> list[tuple[str, dict[str, Any], str]]:
+def _settings(level: int, pools: Sequence[int], embeddings: bool) -> list[tuple[str, dict[str, Any], str]]:
     """(label, generator overrides, similarity) of every point of the sweep."""
     out: list[tuple[str, dict[str, Any], str]] = []
     for n in pools:
@@ -29,7 +29,7 @@ def _settings(level: int, pools: Sequence[int]) -> list[tuple[str, dict[str, Any
         for d in (0.1, 0.2, 0.3, 0.5, 0.7):
             mmr = {"n_candidates": n, "diversity_method": "mmr", "diversity": d}
             out.append((f"mmr-category d={d} n={n}", mmr, "category"))
-        for d in (0.3, 0.5, 0.7):
+        for d in (0.3, 0.5, 0.7) if embeddings else ():
             out.append(
                 (
                     f"mmr-embedding d={d} n={n}",
@@ -46,8 +46,12 @@ def _settings(level: int, pools: Sequence[int]) -> list[tuple[str, dict[str, Any
     return out
 
 
-def curve_configs(configs: Sequence[EvalConfig], level: int) -> list[EvalConfig]:
-    """The sweep around the first fusion config and the first score-mode LLM config of `configs`."""
+def curve_configs(configs: Sequence[EvalConfig], level: int, embeddings: bool = True) -> list[EvalConfig]:
+    """The sweep around the first fusion config and the first score-mode LLM config of `configs`.
+
+    `embeddings`: whether the run has item embeddings (a dense signal); without them the embedding-MMR points
+    are left out rather than silently computed on categories.
+    """
     bases: list[EvalConfig] = []
     for system in ("fusion", "llm"):
         for c in configs:
@@ -58,7 +62,7 @@ def curve_configs(configs: Sequence[EvalConfig], level: int) -> list[EvalConfig]
     for base in bases:
         own_n = base.generator_config().n_candidates
         pools = (20, 50) if base.system == "fusion" else (own_n,)
-        for label, overrides, sim in _settings(level, pools):
+        for label, overrides, sim in _settings(level, pools, embeddings):
             if base.system == "llm":
                 overrides = {k: v for k, v in overrides.items() if k != "n_candidates"}
                 label = label.rsplit(" n=", 1)[0]

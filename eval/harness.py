@@ -947,16 +947,14 @@ def run(
         raise ValueError(f"unknown split {split!r}. Fix: use one of {', '.join(SPLITS)}.")
     configs = load_configs(config_specs)
     t0 = time.perf_counter()
-    # the sweep's embedding-MMR points need the dense vectors; a config is enough to say so to `prepare`
-    extra = [EvalConfig(system="dense")] if curve else []
-    prep = prepare(dataset, [*configs, *extra], split=split, users=users, seed=seed, log=log)
+    prep = prepare(dataset, configs, split=split, users=users, seed=seed, log=log)
     backends: dict[str, Any] = {}
     caches: dict[str, dict[str, np.ndarray]] = {}
     result = evaluate(prep, configs, protocol=protocol, seed=seed, log=log, backends=backends, score_caches=caches)
     if curve:
         from eval.curve import curve_configs, summarise_curve
 
-        sweep = curve_configs(configs, prep.level)
+        sweep = curve_configs(configs, prep.level, embeddings=prep.vectors is not None)
         if sweep:
             swept = evaluate(prep, sweep, protocol=protocol, seed=seed, log=log, backends=backends, score_caches=caches)
             result["curve"] = summarise_curve(swept["systems"])

@@ -35,7 +35,7 @@ def _threads(n: int) -> None:
 
 
 def _log(quiet: bool) -> Callable[[str], None]:
-    return (lambda _: None) if quiet else (lambda m: err_console.print(m, highlight=False))
+    return (lambda _: None) if quiet else (lambda m: err_console.print(m, highlight=False, markup=False))
 
 
 def eval_command(
