@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test check lint typecheck bench bench-smoke bench-retrieval bench-scale clean
+.PHONY: venv demo test check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-eval clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -37,16 +37,25 @@ test: $(STAMP) check
 	$(BIN)/pytest -q
 
 # Full benchmark suite on ../shared/data and the demo shop (~1 h on 2 cores), then the README tables.
-bench: bench-retrieval bench-scale
+bench: bench-retrieval bench-scale bench-eval
 	$(BIN)/python -m eval.bench.report
 
 # Seconds-long smoke run of the same code (CI-sized): demo shop, a few users, 20k vectors.
 bench-smoke: $(STAMP)
 	$(BIN)/python -m eval.bench.retrieval --datasets demo --users 50 --out var/bench-smoke/retrieval.json
 	$(BIN)/python -m eval.bench.faiss_scale --n 20000 --queries 100 --out var/bench-smoke/faiss_scale.json
+	$(BIN)/shoprec eval --data demo --config eval/configs/smoke-fusion.toml --config eval/configs/smoke-llm-fake.toml \
+		--users 30 --curve --out var/bench-smoke/eval-demo.json
 
 bench-retrieval: $(STAMP)
 	$(BIN)/python -m eval.bench.retrieval --out eval/results/retrieval.json
+
+# Every baseline, the LLM stage (score mode; reasons and generate mode on a few users) and the accuracy-diversity
+# curve, on a seeded sample of 300 test users per dataset (~40 min each on 2 shared cores, SASRec most of it).
+EVAL_CONFIGS := --config baselines --config eval/configs/llm-reasons.toml --config eval/configs/llm-generate.toml
+bench-eval: $(STAMP)
+	$(BIN)/shoprec eval --data ml-100k $(EVAL_CONFIGS) --users 300 --curve --out eval/results/eval-ml-100k.json
+	$(BIN)/shoprec eval --data office $(EVAL_CONFIGS) --users 300 --curve --out eval/results/eval-office.json
 
 bench-scale: $(STAMP)
 	$(BIN)/python -m eval.bench.faiss_scale --out eval/results/faiss_scale.json

@@ -70,6 +70,16 @@ def faiss_table(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def eval_table(results: Path = RESULTS) -> str | None:
+    """The evaluation table (eval/report_eval.py) over every eval-<dataset>.json, ml-100k first."""
+    from eval.report_eval import summary_table
+
+    files = sorted(results.glob("eval-*.json"), key=lambda p: (p.stem != "eval-ml-100k", p.stem))
+    if not files:
+        return None
+    return summary_table([json.loads(p.read_text(encoding="utf-8")) for p in files])
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "retrieval": ("retrieval.json", retrieval_table),
     "faiss": ("faiss_scale.json", faiss_table),
@@ -91,6 +101,11 @@ def update_readme(readme: Path = ROOT / "README.md", results: Path = RESULTS) ->
         table = render(json.loads(path.read_text(encoding="utf-8")))
         text = pattern.sub(functools.partial(_splice, table=table), text)
         done.append(name)
+    pattern = re.compile(r"(<!-- results:eval -->\n)(.*?)(<!-- /results:eval -->)", re.S)
+    eval_md = eval_table(results) if pattern.search(text) else None
+    if eval_md is not None:
+        text = pattern.sub(functools.partial(_splice, table=eval_md), text)
+        done.append("eval")
     tmp = readme.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, readme)
