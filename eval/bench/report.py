@@ -77,7 +77,14 @@ def eval_table(results: Path = RESULTS) -> str | None:
     files = sorted(results.glob("eval-*.json"), key=lambda p: (p.stem != "eval-ml-100k", p.stem))
     if not files:
         return None
-    return summary_table([json.loads(p.read_text(encoding="utf-8")) for p in files])
+    table = summary_table([json.loads(p.read_text(encoding="utf-8")) for p in files])
+    for p in sorted(results.glob("ab-*.json")):
+        ab = json.loads(p.read_text(encoding="utf-8"))
+        table += (
+            f"- Offline A/B on {ab['dataset']} ({ab['users']} users, {ab['protocol']} protocol), "
+            f"A = `{ab['a']['spec']}`, B = `{ab['b']['spec']}`: {ab['verdict']}.\n"
+        )
+    return table
 
 
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
