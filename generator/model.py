@@ -212,3 +212,49 @@ def _version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+ADAPTER_MANIFEST = "manifest.json"  # written by finetune/export.py next to the PEFT files
+
+
+def read_adapter_manifest(adapter: str | Path) -> dict[str, object] | None:
+    """The manifest of a shoprec-trained adapter folder (base model, data, config, fitted fusion weight, metrics).
+
+    None for a plain PEFT folder without one (then the generator's defaults apply). A manifest that is not valid
+    JSON is an error naming the file, not a silent default: serving would otherwise use the wrong blend.
+    """
+    folder = Path(adapter).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"adapter folder {folder} does not exist. Fix: pass a folder written by `shoprec finetune`."
+        )
+    path = folder / ADAPTER_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}). Fix: re-export the adapter with `shoprec finetune`.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object. Fix: re-export the adapter with `shoprec finetune`.")
+    return data
+
+
+def adapter_llm_weight(adapter: str | Path | None) -> float | None:
+    """The fusion weight fitted on validation users and stored with the adapter (`fusion.llm_weight`), or None.
+
+    The recommender blends `llm_weight * z(LLM score) + (1 - llm_weight) * z(retrieval)`; 0 means the tuned model
+    did not beat retrieval order on validation, so serving keeps the retrieval ranking and only uses its reasons.
+    """
+    if adapter is None:
+        return None
+    manifest = read_adapter_manifest(adapter)
+    if manifest is None:
+        return None
+    fusion = manifest.get("fusion")
+    w = fusion.get("llm_weight") if isinstance(fusion, dict) else None
+    if w is None:
+        return None
+    if not isinstance(w, int | float) or not 0 <= float(w) <= 1:
+        raise ValueError(f"{Path(adapter) / ADAPTER_MANIFEST}: fusion.llm_weight must be a number in [0, 1], got {w!r}")
+    return float(w)

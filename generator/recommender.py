@@ -108,8 +108,36 @@ _EVIDENCE = {
 }
 
 
+# The compact form of the same evidence (`CandidateView.signals`): a short name per retriever and its rank bucket.
+_SIGNAL_NAMES = {"itemknn": "co-bought", "sasrec": "next", "dense": "similar", "bm25": "text", "popularity": "popular"}
+_RANK_BUCKETS = (1, 2, 3, 5, 10, 20, 50)  # ranks beyond the last bucket are not shown: weak evidence, ~4 tokens each
+
+
+def signal_summary(candidate: Candidate, same_department: bool) -> str:
+    """'co-bought #1, next #5, similar #20, same dept': each retriever's rank, bucketed, strongest first.
+
+    Buckets (1, 2, 3, 5, 10, 20, 50) instead of exact ranks: fewer distinct strings for a small model to learn, and
+    the difference between rank 14 and 17 of one signal says little. A tuned model can weigh these; the untuned one
+    reads them as plain words.
+    """
+    parts = []
+    for name, ev in sorted(candidate.sources.items(), key=lambda kv: kv[1].rank):
+        bucket = next((b for b in _RANK_BUCKETS if ev.rank <= b), None)
+        if bucket is not None and name in _SIGNAL_NAMES:
+            parts.append(f"{_SIGNAL_NAMES[name]} #{bucket}")
+    if same_department:
+        parts.append("same dept")
+    return ", ".join(parts)
+
+
 @dataclass
-class _Prepared:
+class Prepared:
+    """One request made ready for the model: its candidates, their views, and the rendered ranking prompt.
+
+    Public because fine-tuning builds its training examples from exactly this (finetune/data.py): same candidate
+    construction, same evidence, same prompt text as serving.
+    """
+
     request: RetrievalRequest
     candidates: list[Candidate]
     views: list[CandidateView]
@@ -170,7 +198,11 @@ class Recommender:
         ]
 
     # ---------------------------------------------------------------- preparation
-    def _prepare(self, request: RetrievalRequest, cfg: GeneratorConfig) -> _Prepared:
+    def prepare(self, request: RetrievalRequest, config: GeneratorConfig | None = None) -> Prepared:
+        """Retrieve, label and render one request (no model call): what every mode, and fine-tuning, starts from."""
+        return self._prepare(request, config or self.config)
+
+    def _prepare(self, request: RetrievalRequest, cfg: GeneratorConfig) -> Prepared:
         cands = self._retrieve_feasible(request, cfg)
         paths = [" > ".join(self.catalog[c.item_id].category) for c in cands]
         cats = cut_categories(paths, cfg.constraint.level)
@@ -180,7 +212,8 @@ class Recommender:
         for lab, c, cat in zip(labs, cands, cats, strict=True):
             item = self.catalog[c.item_id]
             evidence = [_EVIDENCE[s] for s in sorted(c.sources, key=lambda s: c.sources[s].rank) if s in _EVIDENCE]
-            if item.category_at(1) in recent:
+            same_department = item.category_at(1) in recent
+            if same_department:
                 evidence.insert(0, f"same department as your recent {item.category_at(1)} items")
             views.append(
                 CandidateView(
@@ -191,6 +224,7 @@ class Recommender:
                     brand=item.brand,
                     price=item.price,
                     evidence=tuple(evidence[:2]),
+                    signals=signal_summary(c, same_department),
                 )
             )
         data = self._prompt_input(request, views, cfg)
@@ -202,7 +236,7 @@ class Recommender:
             )
         # the retrieval ranking as a relevance signal: log(1 / rank), a smooth prior the LLM score is blended with
         retrieval_rel = -np.log(np.arange(1, len(cands) + 1, dtype=np.float64))
-        return _Prepared(request, cands, views, cats, retrieval_rel, prompt, cfg)
+        return Prepared(request, cands, views, cats, retrieval_rel, prompt, cfg)
 
     def _retrieve_feasible(self, request: RetrievalRequest, cfg: GeneratorConfig) -> list[Candidate]:
         """The top n_candidates, widened with the best items of missing categories when the constraint needs it."""
@@ -256,7 +290,14 @@ class Recommender:
         prepared = [self._prepare(r, cfg) for r in requests]
         return [(p.candidates, s) for p, s in zip(prepared, self._llm_scores(prepared), strict=True)]
 
-    def _llm_scores(self, prepared: Sequence[_Prepared]) -> list[np.ndarray]:
+    def score_prepared(self, prepared: Sequence[Prepared]) -> list[np.ndarray]:
+        """The LLM's normalised label scores for already prepared requests (one batch per shuffled pass).
+
+        Fine-tuning validation prepares its requests once (the retrieval does not change while the model trains)
+        and scores them with the current weights through this, the same code as score mode."""
+        return self._llm_scores(prepared) if prepared else []
+
+    def _llm_scores(self, prepared: Sequence[Prepared]) -> list[np.ndarray]:
         """Label log-probabilities, normalised per request, averaged over the shuffled passes (one batch each)."""
         assert self.backend is not None
         cfg0 = prepared[0].config
@@ -280,12 +321,12 @@ class Recommender:
                 llm[i][order] += s / cfg0.shuffle_passes
         return llm
 
-    def _score_mode(self, prepared: Sequence[_Prepared]) -> list[Recommendation]:
+    def _score_mode(self, prepared: Sequence[Prepared]) -> list[Recommendation]:
         t0 = time.perf_counter()
         llm = self._llm_scores(prepared)
         t_score = (time.perf_counter() - t0) * 1000 / len(prepared)
 
-        rels = [_blend(s, p.retrieval_rel, p.config.llm_weight) for p, s in zip(prepared, llm, strict=True)]
+        rels = [blend_scores(s, p.retrieval_rel, p.config.llm_weight) for p, s in zip(prepared, llm, strict=True)]
         chosen = [self._diversify(p, rel) for p, rel in zip(prepared, rels, strict=True)]
 
         t1 = time.perf_counter()
@@ -303,7 +344,7 @@ class Recommender:
         return results
 
     def _write_reasons(
-        self, prepared: Sequence[_Prepared], chosen: Sequence[Sequence[int]]
+        self, prepared: Sequence[Prepared], chosen: Sequence[Sequence[int]]
     ) -> list[tuple[list[str] | None, str, str | None]]:
         """The reasons of every request's chosen picks, as (reasons, raw text, problem); reasons None on failure.
 
@@ -320,19 +361,10 @@ class Recommender:
         prompts: list[str] = []
         controllers: list[ReasonController] = []
         for r, (p, idx) in enumerate(zip(prepared, chosen, strict=True)):
-            views = [p.views[i] for i in idx]
-            shared = p.config.reason_prompt == "candidates"
-            for line, view in enumerate(views, start=1):
-                ctrl = ReasonController(
-                    self.backend.tokenizer,
-                    [view.label],
-                    first_number=line if shared else 1,  # a one-candidate prompt asks for one pick: "1. (L)"
-                    max_reason_tokens=p.config.max_reason_tokens,
-                    prefilled=True,
-                )
-                base = p.prompt if shared else self._chat_prompt(p, [view], single=True)
+            for line, i in enumerate(idx, start=1):
+                prompt, ctrl = self.reason_prompt(p, i, line)
                 owners.append(r)
-                prompts.append(base + ctrl.prompt_suffix)
+                prompts.append(prompt)
                 controllers.append(ctrl)
 
         outs: list[GenerationOutput | None] = [None] * len(prompts)
@@ -357,12 +389,31 @@ class Recommender:
             per_request[r].append((ctrl, maybe))
         return [_assemble_reasons(rows) for rows in per_request]
 
-    def _render_order(self, p: _Prepared, order: np.ndarray) -> str:
+    def reason_prompt(self, p: Prepared, index: int, line: int = 1) -> tuple[str, ReasonController]:
+        """The prompt of the reason row for candidate `index` shown as pick number `line`, and its controller.
+
+        The prompt ends with the prefilled ``"{i}. ({label})"``; the controller constrains the rest (the reason,
+        the newline, then EOS). Fine-tuning targets the same text after the same prompt (finetune/data.py).
+        """
+        assert self.backend is not None, "reason prompts need a backend (its tokenizer and chat template)"
+        view = p.views[index]
+        shared = p.config.reason_prompt == "candidates"
+        ctrl = ReasonController(
+            self.backend.tokenizer,
+            [view.label],
+            first_number=line if shared else 1,  # a one-candidate prompt asks for one pick: "1. (L)"
+            max_reason_tokens=p.config.max_reason_tokens,
+            prefilled=True,
+        )
+        base = p.prompt if shared else self._chat_prompt(p, [view], single=True)
+        return base + ctrl.prompt_suffix, ctrl
+
+    def _render_order(self, p: Prepared, order: np.ndarray) -> str:
         """The prompt with the candidates in `order`; labels follow positions, so they are re-assigned."""
         labs = labels(len(p.views))
         return self._chat_prompt(p, [p.views[j].model_copy(update={"label": labs[pos]}) for pos, j in enumerate(order)])
 
-    def _chat_prompt(self, p: _Prepared, views: Sequence[CandidateView], single: bool = False) -> str:
+    def _chat_prompt(self, p: Prepared, views: Sequence[CandidateView], single: bool = False) -> str:
         """The chat-formatted prompt of `p`'s request showing only `views` (e.g. reordered, or just the picks)."""
         assert self.backend is not None
         cfg = p.config
@@ -395,7 +446,7 @@ class Recommender:
         )
 
     # ---------------------------------------------------------------- generate mode
-    def _generate_mode(self, prepared: Sequence[_Prepared]) -> list[Recommendation]:
+    def _generate_mode(self, prepared: Sequence[Prepared]) -> list[Recommendation]:
         assert self.backend is not None
         t0 = time.perf_counter()
         controllers = []
@@ -435,13 +486,13 @@ class Recommender:
         return results
 
     # ---------------------------------------------------------------- shared steps
-    def _similarity(self, p: _Prepared) -> np.ndarray:
+    def _similarity(self, p: Prepared) -> np.ndarray:
         if self.item_vectors is not None:
             rows = [self.catalog.index[c.item_id] for c in p.candidates]
             return cosine_similarity(self.item_vectors[rows])
         return category_similarity(p.categories)
 
-    def _diversify(self, p: _Prepared, relevance: np.ndarray) -> list[int]:
+    def _diversify(self, p: Prepared, relevance: np.ndarray) -> list[int]:
         cfg = p.config
         k = min(cfg.k, len(p.views))
         return diversify(
@@ -456,7 +507,7 @@ class Recommender:
 
     def _finish(
         self,
-        p: _Prepared,
+        p: Prepared,
         picks: Sequence[tuple[int, str]],
         relevance: np.ndarray,
         mode: Literal["score", "generate"],
@@ -486,7 +537,7 @@ class Recommender:
 
     def _fallback(
         self,
-        p: _Prepared,
+        p: Prepared,
         reason: str,
         raw: str | None = None,
         mode: Literal["score", "generate", "retrieval"] | None = None,
@@ -531,7 +582,7 @@ def _assemble_reasons(
     return reasons, raw, None
 
 
-def _blend(llm: np.ndarray, retrieval: np.ndarray, w: float) -> np.ndarray:
+def blend_scores(llm: np.ndarray, retrieval: np.ndarray, w: float) -> np.ndarray:
     """w * z(llm) + (1 - w) * z(retrieval): both standardised over the candidates so the weight means a share."""
 
     def z(x: np.ndarray) -> np.ndarray:

@@ -23,6 +23,11 @@ class CandidateView(_Frozen):
     evidence: tuple[str, ...] = Field(
         default=(), description="Retrieval evidence in words, e.g. 'often bought after: Trail Runner 2'."
     )
+    signals: str = Field(
+        default="",
+        description="Compact retrieval evidence the model can learn from: each signal's rank bucket and a category "
+        "match with the recent history, e.g. 'co-bought #1, next #5, same dept'. Shown instead of `evidence` when set.",
+    )
 
 
 class HistoryView(_Frozen):

@@ -241,8 +241,10 @@ def recommend(
     if adapter is not None:
         _state["adapter"] = str(adapter)
     svc = _service()
+    recommender = svc.recommender(use_llm=not no_llm)
     try:
         cfg = GeneratorConfig(
+            llm_weight=recommender.config.llm_weight,  # fitted and stored with the adapter, when there is one
             mode=mode,  # type: ignore[arg-type]
             variant=variant,
             k=k,
@@ -258,7 +260,7 @@ def recommend(
     request = svc.request(
         user=user, query=query, cart=cart_ids, filters=_filters(category, min_price, max_price, in_stock, False)
     )
-    rec = svc.recommender(use_llm=not no_llm).recommend(request, cfg)
+    rec = recommender.recommend(request, cfg)
     data = {
         "mode": rec.mode,
         "fallback": rec.fallback,
@@ -306,6 +308,12 @@ def demo(
 from shoprec import cli_eval  # noqa: E402
 
 cli_eval.register(app, _friendly_errors)
+
+# Commands kept in their own modules, registered here in one visible place.
+from shoprec.cli_finetune import register as _register_finetune  # noqa: E402 (needs _friendly_errors above)
+
+_register_finetune(app, _friendly_errors)
+
 
 if __name__ == "__main__":
     app()

@@ -62,11 +62,16 @@ class Shoprec:
         return make_backend(self.settings.llm_backend, model_spec=spec)
 
     def recommender(self, *, use_llm: bool = True) -> Any:
-        from generator.recommender import Recommender
+        from generator.model import adapter_llm_weight
+        from generator.recommender import GeneratorConfig, Recommender
 
         dense = self.retriever.retrievers.get("dense")
         vectors = getattr(dense, "vectors", None)
-        return Recommender(self.retriever, self.catalog, self.backend if use_llm else None, item_vectors=vectors)
+        # A shoprec-trained adapter carries the LLM/retrieval blend fitted on its validation users: serve with it.
+        fitted = adapter_llm_weight(self.settings.adapter)
+        config = GeneratorConfig() if fitted is None else GeneratorConfig(llm_weight=fitted)
+        backend = self.backend if use_llm else None
+        return Recommender(self.retriever, self.catalog, backend, config=config, item_vectors=vectors)
 
     def build_index(self, log: Callable[[str], None] = print) -> FusionRetriever:
         """Train every signal from the store's events and write the index folder (atomically)."""

@@ -185,6 +185,28 @@ class TransformersBackend:
         self._head_decided = False
         self.load_s = time.perf_counter() - t0
 
+    @classmethod
+    def from_loaded(cls, model: Any, tokenizer: Any) -> TransformersBackend:
+        """A backend over a model and tokenizer already in memory, e.g. a PEFT model being trained.
+
+        Fine-tuning validates through the real pipeline with it (finetune/train.py), so the numbers it reports
+        are those of the code that serves. The caller keeps ownership: call `model.eval()` before using it.
+        """
+        self = cls.__new__(cls)
+        self.spec = ModelSpec()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model = model
+        self._hf_tok = tokenizer
+        self._tokenizer = HFTokenizer(tokenizer)
+        self._head = None
+        self._head_decided = False
+        self.load_s = 0.0
+        return self
+
     @property
     def tokenizer(self) -> HFTokenizer:
         return self._tokenizer

@@ -1,0 +1,67 @@
+"""Writing a trained adapter: a standard PEFT folder plus `manifest.json`, swapped into place atomically.
+
+Layout of an adapter folder (loadable by `peft.PeftModel.from_pretrained`, the transformers backend via
+`ModelSpec.adapter`, and vLLM's `LoRARequest`):
+
+    adapter_config.json, adapter_model.safetensors   PEFT's own files: LoRA weights only, no embeddings, no tokens
+    manifest.json                                    base model, data, config, fitted fusion weight, validation
+    validation_curve.json                            the periodic validation through the real pipeline
+    merged/                                          optional: the base model with the adapter merged in
+
+The folder is written next to its final place and renamed over it, so a crash never leaves half an adapter that
+serving would load (the same pattern as `retrieval.index`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from generator.model import ADAPTER_MANIFEST
+
+MANIFEST_VERSION = 1
+
+
+def save_adapter(model: Any, directory: Path) -> None:
+    """The LoRA weights and config of a PEFT `model`, without embedding layers (we never add tokens)."""
+    model.save_pretrained(str(directory), save_embedding_layers=False, safe_serialization=True)
+    (Path(directory) / "README.md").unlink(missing_ok=True)  # peft's empty model-card template: manifest.json says it
+
+
+def export(
+    model: Any,
+    directory: Path,
+    manifest: dict[str, Any],
+    *,
+    curve: list[dict[str, Any]] | None = None,
+    merged: bool = False,
+) -> Path:
+    """Write the adapter folder atomically; with `merged`, also a full merged model under ``merged/`` (the model
+    is merged in place, so call this last)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_adapter(model, tmp)
+        body = {"format_version": MANIFEST_VERSION, **manifest}
+        (tmp / ADAPTER_MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if curve is not None:
+            (tmp / "validation_curve.json").write_text(json.dumps(curve, indent=2) + "\n", encoding="utf-8")
+        if merged:
+            model.merge_and_unload().save_pretrained(str(tmp / "merged"))
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not directory.exists():
+            old.rename(directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return directory

@@ -1,0 +1,278 @@
+"""Fine-tuning: leave-one-out cases without leakage, examples the decoder could have produced, grounded reasons,
+the answer-only loss mask, fusion-weight fitting, and (with the real SmolLM2) a 2-step run with save/load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from finetune.data import Example, answer_token_ids, build_examples, leaked, sample_cases, split_cases
+from finetune.fusion import ScoredCase, fit_llm_weight, ranks
+from finetune.reasons import ReasonContext, check_reason, short_name, write_reason
+from finetune.train import IGNORE, encode, length_grouped_batches, masked_lm_loss
+from generator.backends import make_backend
+from generator.model import adapter_llm_weight, read_adapter_manifest
+from generator.recommender import GeneratorConfig, Recommender
+from retrieval.catalog import Catalog
+from retrieval.events import histories
+from retrieval.fusion import FusionRetriever
+from retrieval.index import fit_signals
+from retrieval.types import Candidate, Item, RetrievalRequest, SignalEvidence
+
+
+@pytest.fixture(scope="module")
+def split(small_shop):
+    return split_cases(histories(small_shop.interactions), positions=2)
+
+
+@pytest.fixture(scope="module")
+def fake_recommender(small_shop, split):
+    catalog = Catalog(small_shop.items)
+    signals = fit_signals(catalog, split.retriever_histories, ("popularity", "itemknn", "bm25"))
+    retriever = FusionRetriever(catalog, list(signals.values()))
+    # the fake tokenizer is nearly character-level: a sentence is ~40 of its tokens
+    return Recommender(retriever, catalog, make_backend("fake", seed=0), config=GeneratorConfig(max_reason_tokens=64))
+
+
+def _complements(shop):
+    return {k: frozenset(v) for k, v in shop.complements.items()}
+
+
+# --- splits and leakage ------------------------------------------------------------------------------------------
+
+
+def test_training_cases_end_before_validation_and_test(small_shop, split):
+    hist = histories(small_shop.interactions)
+    valid = {c.user_id: c for c in split.valid}
+    test = {c.user_id: c for c in split.test}
+    assert split.train and len(valid) == len(test)
+    for c in split.train:
+        evs = [e.item_id for e in hist[c.user_id]]
+        t = len(c.history)
+        assert list(c.history) == evs[:t] and c.target == evs[t]
+        assert t < len(evs) - 2, "a training target must come before the validation and test events"
+        assert len(c.history) < len(valid[c.user_id].history) < len(test[c.user_id].history)
+    for user, evs in split.retriever_histories.items():
+        first_target = min((len(c.history) for c in split.train if c.user_id == user), default=len(evs))
+        assert len(evs) <= first_target, "the candidate retriever must not see any training target"
+
+
+def test_positions_per_user_and_its_validation(small_shop):
+    hist = histories(small_shop.interactions)
+    one, three = split_cases(hist, positions=1), split_cases(hist, positions=3)
+    assert len(three.train) > len(one.train)
+    assert {c.user_id for c in one.train} <= {c.user_id for c in three.train}
+    with pytest.raises(ValueError, match="positions"):
+        split_cases(hist, positions=0)
+
+
+def test_examples_are_what_the_decoder_produces_and_never_leak(fake_recommender, split, small_shop):
+    cases = sample_cases(split.train, 60, seed=0)
+    examples, stats = build_examples(
+        fake_recommender, cases, reasons_per_case=2, complements=_complements(small_shop)
+    )  # every answer was read back through PicksController / ReasonController inside
+    assert stats.used + stats.not_retrieved + stats.rejected == stats.cases == 60
+    # the fake tokenizer is near character-level, so the decoder's ban on copying 6 tokens of an earlier reason
+    # (6 characters here) sometimes leaves no wording; those cases are counted and skipped, never mis-trained
+    assert stats.rejected <= 6
+    assert stats.rank_examples == stats.used and stats.reason_examples == 2 * stats.used
+    assert leaked(examples, split) == []
+    rank = [e for e in examples if e.kind == "rank"]
+    tok = fake_recommender.backend.tokenizer
+    for ex in rank:
+        first_label = ex.answer.split("(", 1)[1][0]
+        p = fake_recommender.prepare(RetrievalRequest(history=_history(split, ex)))
+        target_label = next(v.label for v in p.views if v.item_id == ex.target)
+        assert first_label == target_label, "the held-out next item is the first pick"
+        assert ex.prompt == p.prompt, "the training prompt is the serving prompt, byte for byte"
+        assert ex.answer.count("\n") == fake_recommender.config.k and ex.answer.endswith("\n")
+    for ex in examples:
+        if ex.kind == "reason":
+            assert ex.answer.startswith(" ") and ex.answer.endswith("\n")
+            assert len(answer_token_ids(tok.encode, ex.answer)) <= fake_recommender.config.max_reason_tokens + 1
+
+
+def test_leakage_check_catches_a_held_out_position(split):
+    case = split.valid[0]
+    bad = Example("reason", "p", " r\n", case.user_id, case.target, len(case.history))
+    assert leaked([bad], split) and "validation position" in leaked([bad], split)[0]
+
+
+def _history(split, ex):
+    return next(c.history for c in split.train if c.user_id == ex.user_id and c.target == ex.target)
+
+
+# --- grounded reasons --------------------------------------------------------------------------------------------
+
+
+def _item(i, title, cat, brand=""):
+    return Item(id=i, title=title, category=cat, brand=brand, price=10.0)
+
+
+@pytest.fixture()
+def tiny():
+    items = [
+        _item("phone", "Arclite Slim Smartphone 128GB, Navy", ("Electronics", "Phones", "Smartphones"), "Arclite"),
+        _item("case", "Arclite Pro Phone Case for 6.1-inch, Black", ("Electronics", "Phones", "Cases"), "Arclite"),
+        _item("case2", "Voltix Slim Phone Case, Red", ("Electronics", "Phones", "Cases"), "Voltix"),
+        _item("drill", "Precisa Compact Hammer Drill 18V", ("Tools", "Power Tools", "Drills"), "Precisa"),
+    ]
+    comp = {"Electronics > Phones > Smartphones": frozenset({"Electronics > Phones > Cases"})}
+    return Catalog(items), comp
+
+
+def test_reasons_name_checkable_evidence(tiny):
+    catalog, comp = tiny
+    ctx = ReasonContext(catalog, history=("drill", "phone"), complements=comp)
+    kind, text = write_reason(catalog["case2"], ctx)
+    assert (kind, text) == ("complement", "Goes with your Arclite Slim Smartphone 128GB.")
+    assert check_reason(text, catalog["case2"], ctx) == "complement"
+    # the same sentence about an item it is not true of is not confirmed
+    assert check_reason(text, catalog["drill"], ctx) is None
+    assert check_reason("Same brand as your Arclite Slim Smartphone.", catalog["case"], ctx) == "brand"
+    assert check_reason("Same brand as your Arclite Slim Smartphone.", catalog["case2"], ctx) is None
+    assert check_reason("Same brand as your Precisa Compact Hammer Drill.", catalog["case"], ctx) is None
+    assert check_reason("A lovely item for you.", catalog["case"], ctx) is None  # unverifiable = unconfirmed
+    query = ReasonContext(catalog, query="phone case under 20")
+    assert write_reason(catalog["case2"], query) == ("query", 'Matches your search for "phone".')
+    cand = Candidate(item_id="case2", score=1.0, sources={"itemknn": SignalEvidence(rank=3, score=1.0)})
+    assert check_reason("Often bought with your recent items.", catalog["case2"], ctx, cand) == "co-bought"
+    far = Candidate(item_id="case2", score=1.0, sources={"itemknn": SignalEvidence(rank=40, score=1.0)})
+    assert check_reason("Often bought with your recent items.", catalog["case2"], ctx, far) is None
+
+
+def test_short_names_fit_a_sentence():
+    assert (
+        short_name("Arclite Slim Shockproof Phone Case for 6.1-inch, Midnight Blue")
+        == "Arclite Slim Shockproof Phone Case"
+    )
+    assert short_name("Legion of the Shadow Realm (PC, Gold Edition)") == "Legion of the Shadow Realm"
+    assert short_name("Precisa Compact Hammer Drill 18V") == "Precisa Compact Hammer Drill 18V"
+
+
+# --- the loss mask -----------------------------------------------------------------------------------------------
+
+
+class _Tok:
+    eos_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+def test_mask_covers_the_prompt_and_keeps_answer_and_eos():
+    ex = Example("reason", "abcdef", "xy", "u", "t", 3)
+    enc = encode(_Tok(), ex, max_length=100)
+    assert enc.input_ids == [*map(ord, "abcdefxy"), 0]
+    assert enc.labels == [IGNORE] * 6 + [ord("x"), ord("y"), 0]
+    cut = encode(_Tok(), ex, max_length=7)
+    assert cut.labels == [IGNORE] * 6 + [ord("x")] and cut.answer_tokens == 1
+    full = encode(_Tok(), ex, max_length=6)  # the prompt fills the whole sequence
+    assert full.answer_tokens == 0 and all(x == IGNORE for x in full.labels)
+
+
+def test_loss_is_answer_only_and_never_nan():
+    import torch
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    targets = torch.full((2, 5), IGNORE)
+    targets[0, 3], targets[1, 1] = 4, 2
+    loss, n = masked_lm_loss(logits, targets)
+    expected = torch.nn.functional.cross_entropy(torch.stack([logits[0, 3], logits[1, 1]]), torch.tensor([4, 2]))
+    assert n == 2 and torch.allclose(loss, expected)
+    none, n0 = masked_lm_loss(logits, torch.full((2, 5), IGNORE))
+    none.backward()
+    assert n0 == 0 and float(none) == 0.0 and not math.isnan(float(none))
+    assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
+
+
+def test_batches_cover_every_example_once_and_group_lengths():
+    lengths = [1200 if i % 4 == 0 else 250 for i in range(64)]
+    batches = length_grouped_batches(lengths, 4, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(64))
+    mixed = sum(1 for b in batches if len({lengths[i] for i in b}) > 1)
+    assert mixed <= 1
+    assert batches == length_grouped_batches(lengths, 4, seed=0) != length_grouped_batches(lengths, 4, seed=1)
+
+
+# --- fusion weight -----------------------------------------------------------------------------------------------
+
+
+def test_fusion_weight_is_zero_when_the_llm_hurts_and_one_when_it_helps():
+    retrieval = -np.log(np.arange(1, 6, dtype=float))
+    # target at retrieval rank 3; a helpful LLM puts it first, a harmful one last
+    helpful = [ScoredCase(np.array([0.0, 0.0, 5.0, 0.0, 0.0]), retrieval, 2)] * 3
+    harmful = [ScoredCase(np.array([5.0, 4.0, -9.0, 3.0, 2.0]), retrieval, 0)] * 3
+    w, curve = fit_llm_weight(harmful)
+    assert w == 0.0 and curve["0"] == pytest.approx(1.0)
+    w, _ = fit_llm_weight(helpful)
+    assert w == 0.5 and ranks(helpful, w)[0] == 1  # the smallest weight that puts the target first
+    missed = [ScoredCase(np.zeros(5), retrieval, None)]
+    assert ranks(missed, 0.5)[0] == math.inf
+    assert fit_llm_weight(missed)[0] == 0.0  # all ties: the smallest weight
+    with pytest.raises(ValueError, match="grid"):
+        fit_llm_weight(helpful, grid=(0.0, 1.5))
+
+
+def test_adapter_manifest_errors_name_the_file(tmp_path):
+    assert adapter_llm_weight(None) is None
+    assert read_adapter_manifest(tmp_path) is None and adapter_llm_weight(tmp_path) is None
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.json"):
+        adapter_llm_weight(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"fusion": {"llm_weight": 3}}))
+    with pytest.raises(ValueError, match="llm_weight"):
+        adapter_llm_weight(tmp_path)
+    with pytest.raises(FileNotFoundError, match="shoprec finetune"):
+        adapter_llm_weight(tmp_path / "missing")
+
+
+# --- the real model: 2 training steps, export, reload ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_step_run_on_the_demo_catalog_saves_and_reloads(small_shop, split, tmp_path):
+    import torch
+
+    from finetune.export import export
+    from finetune.train import TrainConfig, load_trainable, prepare_validation, train
+    from generator.backends.transformers_backend import TransformersBackend
+    from generator.model import ModelSpec, resolve_model_path
+
+    cfg = TrainConfig(max_steps=2, batch_size=2, grad_accum=1, eval_every=2, rank=4, alpha=8, dropout=0.0, lr=1e-3)
+    model, tok = load_trainable(resolve_model_path(ModelSpec()), cfg)
+    catalog = Catalog(small_shop.items)
+    signals = fit_signals(catalog, split.retriever_histories, ("popularity", "itemknn"))
+    gen = GeneratorConfig(n_candidates=8, max_history=4)
+    rec = Recommender(
+        FusionRetriever(catalog, list(signals.values())),
+        catalog,
+        TransformersBackend.from_loaded(model, tok),
+        config=gen,
+    )
+    examples, _ = build_examples(rec, sample_cases(split.train, 40, 0), reasons_per_case=1, rank_examples=0)
+    assert len(examples) >= 4
+    valid = prepare_validation(rec, split.valid[:2])
+    before = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
+    result = train(rec, model, tok, examples[:4], valid, cfg, tmp_path / "ckpt", log=lambda _: None)
+    assert result.steps == 2 and [p["step"] for p in result.curve] == [0, 2]
+    assert all(math.isfinite(p["loss"]) for p in result.curve[1:])
+    assert any(not torch.equal(before[k], v) for k, v in model.named_parameters() if v.requires_grad)
+
+    out = export(model, tmp_path / "adapter", {"fusion": {"llm_weight": 0.3}, "base_model": "embedded"})
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "manifest.json"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and not config.get("modules_to_save")  # LoRA only: no embeddings, no added tokens
+    assert adapter_llm_weight(out) == 0.3
+
+    prompts = [valid.prepared[0].prompt + "1. ("]
+    labels = [[v.label for v in valid.prepared[0].views]]
+    here = rec.backend.label_logprobs(prompts, labels)[0]
+    served = TransformersBackend(ModelSpec(adapter=str(out), merge_adapter=False), num_threads=1)
+    again = served.label_logprobs(prompts, labels)[0]
+    np.testing.assert_allclose(again, here, atol=1e-4)
