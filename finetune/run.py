@@ -84,7 +84,6 @@ def run(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run it all and write the adapter to `out`; returns the manifest."""
-    from generator.backends.transformers_backend import TransformersBackend
     from generator.model import ModelSpec, resolve_model_path
     from retrieval.catalog import Catalog
     from retrieval.events import histories
@@ -118,6 +117,8 @@ def run(
     train_cases = sample_cases(split.train, opts.train_cases, opts.seed)
     fit = fit_fusion(fusion, [(c.history, c.target) for c in train_cases])  # out-of-sample for this retriever
     log(f"retrieval fusion fitted on {fit['cases']} training cases: Recall@20 {fit['fitted_recall']:.3f}")
+
+    from generator.backends.transformers_backend import TransformersBackend  # torch: only once the data is there
 
     base_path = resolve_model_path(ModelSpec(model=base_model), dtype=cfg.dtype)
     model, tok = load_trainable(base_path, cfg)

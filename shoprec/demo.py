@@ -18,6 +18,15 @@ from retrieval.types import Filters
 from shoprec.config import Settings
 from shoprec.service import Shoprec
 
+# The small adapter trained on this demo shop only (`make finetune-demo` reproduces it): it teaches SmolLM2-135M to
+# write short reasons grounded in the shopper's history instead of echoing candidate lines.
+DEMO_ADAPTER = Path(__file__).resolve().parents[1] / "generator" / "adapters" / "demo"
+
+
+def demo_adapter() -> Path | None:
+    """The shipped demo adapter folder, or None when it is absent (the demo then runs the base model)."""
+    return DEMO_ADAPTER if (DEMO_ADAPTER / "adapter_config.json").is_file() else None
+
 
 def run_demo(home: Path, *, seed: int = 0, sasrec_epochs: int = 30, console: Console | None = None) -> Shoprec:
     from retrieval.loaders import load_dataset, write_generic
@@ -41,7 +50,8 @@ def run_demo(home: Path, *, seed: int = 0, sasrec_epochs: int = 30, console: Con
 
     con.rule("[bold]2. Ingest into the SQLite store")
     ds = load_dataset(data_dir)
-    svc = Shoprec(Settings(home=home, sasrec_epochs=sasrec_epochs))
+    adapter = demo_adapter()
+    svc = Shoprec(Settings(home=home, sasrec_epochs=sasrec_epochs, adapter=str(adapter) if adapter else None))
     svc.store.ingest(ds.items, ds.interactions)  # items and events in one transaction
     con.print(f"store {svc.settings.store_url}: {svc.store.counts()}", highlight=False)
 
@@ -79,13 +89,14 @@ def run_demo(home: Path, *, seed: int = 0, sasrec_epochs: int = 30, console: Con
         "Filtered: in stock, under 50, Electronics",
         {"user": shown[0], "filters": Filters(categories=("Electronics",), max_price=50.0, in_stock_only=True)},
     )
-    con.rule("[bold]5. Ranked, justified, diverse picks (SmolLM2-135M via transformers, at most 2 per category)")
-    from generator.recommender import GeneratorConfig
-
-    recommender = svc.recommender()
+    tuned = "+ demo LoRA adapter" if adapter else "untuned"
+    con.rule(f"[bold]5. Ranked, justified, diverse picks (SmolLM2-135M {tuned}, at most 2 per category)")
+    recommender = svc.recommender()  # with the adapter's fitted LLM/retrieval blend when it has one
     modes: tuple[tuple[str, Literal["score", "generate"]], ...] = ((shown[0], "score"), (shown[1], "generate"))
     for user, mode in modes:
-        rec = recommender.recommend(svc.request(user=user), GeneratorConfig(mode=mode, k=5))
+        rec = recommender.recommend(
+            svc.request(user=user), recommender.config.model_copy(update={"mode": mode, "k": 5})
+        )
         status = f"FALLBACK ({rec.fallback_reason})" if rec.fallback else f"{rec.mode} mode"
         timing = ", ".join(f"{k} {v:.0f} ms" for k, v in rec.timings_ms.items())
         con.print(f"\n[bold]{user}[/]: {status}; {timing}", highlight=False)

@@ -276,3 +276,29 @@ def test_two_step_run_on_the_demo_catalog_saves_and_reloads(small_shop, split, t
     served = TransformersBackend(ModelSpec(adapter=str(out), merge_adapter=False), num_threads=1)
     again = served.label_logprobs(prompts, labels)[0]
     np.testing.assert_allclose(again, here, atol=1e-4)
+
+
+# --- the command line --------------------------------------------------------------------------------------------
+
+
+def test_finetune_cli_bad_input_is_one_clear_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from shoprec.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["finetune", "--data", "demo", "--out", str(tmp_path / "a"), "--rank", "0"])
+    assert r.exit_code == 2 and "bad finetune flags: rank" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["finetune", "--data", "demo", "--out", str(tmp_path / "a"), "--signals", "bm25,nope"])
+    assert r.exit_code == 2 and "nope" in r.output and "valid:" in r.output
+    r = runner.invoke(app, ["finetune", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_research_data_adapters_cannot_be_written_into_the_repo():
+    from typer.testing import CliRunner
+
+    from shoprec.cli import app
+
+    r = CliRunner().invoke(app, ["finetune", "--data", "ml-100k", "--out", "generator/adapters/ml"])
+    assert r.exit_code == 2 and "research-licensed" in r.output and "outside the repository" in r.output
