@@ -311,7 +311,7 @@ def prepare(
         needed,
         log=lambda m: log(f"[{name}] {m}"),
         encoder=encoder,
-        sasrec_config=SASRecConfig(seed=seed, max_len=50, hidden_dim=128, dropout=0.3, progress=False),
+        sasrec_config=SASRecConfig(seed=seed, progress=False),
         # as in eval/bench/retrieval.py: SASRec early-stops on half of the validation users, the fusion is fitted
         # on the other half, so the fusion does not over-weight the signal whose epoch was picked on its cases
         sasrec_validation=[(c.history, c.target) for c in sp.valid[0::2]],

@@ -80,14 +80,9 @@ class Shoprec:
 
         if len(self.catalog) == 0:
             raise RequestError("the store has no items. Fix: run `shoprec ingest PATH` first.")
-        # the setting measured best on ml-100k and Office (eval/bench/retrieval.py); epochs may be capped for demos
-        cfg = SASRecConfig(
-            seed=self.settings.seed,
-            max_len=50,
-            hidden_dim=128,
-            dropout=0.3,
-            epochs=self.settings.sasrec_epochs or SASRecConfig.epochs,
-        )
+        # SASRec's defaults are the setting measured best on ml-100k and Office (retrieval/sequential.py, and
+        # eval/bench/retrieval.py); epochs may be capped for demos
+        cfg = SASRecConfig(seed=self.settings.seed, epochs=self.settings.sasrec_epochs or SASRecConfig.epochs)
         fusion = build_index(
             self.catalog,
             histories(self.store.interactions()),
