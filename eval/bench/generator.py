@@ -34,7 +34,7 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -184,28 +184,83 @@ def _fallback_kind(reason: str | None) -> str:
     return text[:60] or "unknown"
 
 
+@dataclass
+class _ShopRun:
+    """One dataset's progress through the validity section."""
+
+    shop: Shop
+    quota: int
+    rec: Recommender
+    stats: Counter[str] = field(default_factory=Counter)
+    seconds: dict[str, float] = field(default_factory=lambda: {"score": 0.0, "generate": 0.0})
+    done: int = 0
+    misses: int = 0
+
+    @property
+    def users(self) -> list[str]:
+        return sorted(self.shop.histories)
+
+
 def run_validity(
-    shops: Sequence[Shop], backend: Backend, n_requests: int, group_size: int, reason_tokens: int, seed: int
+    shops: Sequence[Shop],
+    backend: Backend,
+    n_requests: int,
+    group_size: int,
+    reason_tokens: int,
+    seed: int,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """`n_requests` random requests, split evenly over `shops`; the shops take turns group by group, so that a run
+    stopped early (`on_progress` receives the counts so far after every group) still covers every dataset."""
     rng = np.random.default_rng(seed)
     fixed = FixedCandidates()
     per_shop = [n_requests // len(shops) + (i < n_requests % len(shops)) for i in range(len(shops))]
-    totals: Counter[str] = Counter()
     fallbacks: Counter[str] = Counter()
     fallback_examples: list[dict[str, Any]] = []
-    by_dataset: dict[str, Any] = {}
     examples: list[dict[str, Any]] = []
     serial = itertools.count()
     t_start = time.perf_counter()
+    states = [
+        _ShopRun(shop, quota, Recommender(fixed, shop.catalog, backend))
+        for shop, quota in zip(shops, per_shop, strict=True)
+    ]
+
+    def summary(finished: bool) -> dict[str, Any]:
+        totals: Counter[str] = Counter()
+        by_dataset: dict[str, Any] = {}
+        for st in states:
+            by_dataset[st.shop.name] = {
+                **dict(sorted(st.stats.items())),
+                "seconds": {k: round(v, 1) for k, v in st.seconds.items()},
+            }
+            totals.update(st.stats)
+        counters = ("parse_failures", "out_of_candidates", "duplicates", "wrong_length", "constraint_violations")
+        invalid = {k: totals[k] for k in (*counters, "bad_ranks", "empty_reasons")}
+        n = totals["requests"]
+        return {
+            "requests": n,
+            "requests_planned": n_requests,
+            "finished": finished,
+            "parsed_share": round((n - totals["parse_failures"]) / n, 5) if n else None,
+            "invalid": invalid,
+            "all_valid": n > 0 and all(v == 0 for v in invalid.values()),
+            "fallbacks": totals["fallbacks"],
+            "fallback_reasons": dict(fallbacks),
+            "fallback_examples": fallback_examples,
+            "by_dataset": by_dataset,
+            "max_reason_tokens": reason_tokens,
+            "group_size": group_size,
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "examples": examples,
+        }
+
     bar = tqdm(total=n_requests, desc="validity", unit="req")
-    for shop, quota in zip(shops, per_shop, strict=True):
-        rec = Recommender(fixed, shop.catalog, backend)
-        users = sorted(shop.histories)
-        stats: Counter[str] = Counter()
-        seconds: dict[str, float] = {"score": 0.0, "generate": 0.0}
-        done = misses = 0
-        while done < quota:
-            size = min(group_size, quota - done)
+    while any(st.done < st.quota for st in states):
+        for st in states:
+            if st.done >= st.quota:
+                continue
+            shop, rec, users, stats = st.shop, st.rec, st.users, st.stats
+            size = min(group_size, st.quota - st.done)
             cfg = _random_config(rng, shop, rec.prompts.variants(), reason_tokens)
             requests: list[RetrievalRequest] = []
             cand_lists: list[list[str]] = []
@@ -226,14 +281,14 @@ def run_validity(
                 cand_lists.append([c.item_id for c in chosen])
             if not requests:  # this constraint fits no candidate pool: draw another config
                 stats["configs_redrawn"] += 1
-                misses += 1
-                if misses > 100:
+                st.misses += 1
+                if st.misses > 100:
                     raise RuntimeError(f"{shop.name}: 100 random configs in a row fit no candidate set")
                 continue
-            misses = 0
+            st.misses = 0
             t0 = time.perf_counter()
             outs = rec.recommend_batch(requests, cfg)
-            seconds[cfg.mode] += time.perf_counter() - t0
+            st.seconds[cfg.mode] += time.perf_counter() - t0
             for request, cands, out in zip(requests, cand_lists, outs, strict=True):
                 checks = verify(out, cands, [_category_path(shop, i) for i in cands], cfg)
                 stats.update({k: v for k, v in checks.items()})
@@ -254,28 +309,12 @@ def run_validity(
                 elif not any(e["dataset"] == shop.name and e["mode"] == out.mode for e in examples):
                     examples.append(_example(shop, request, out, cfg))
                 fixed.lists.pop(request.user_id or "", None)
-            done += len(requests)
+            st.done += len(requests)
             bar.update(len(requests))
-        by_dataset[shop.name] = {**dict(sorted(stats.items())), "seconds": {k: round(v, 1) for k, v in seconds.items()}}
-        totals.update(stats)
+            if on_progress is not None:
+                on_progress(summary(finished=False))
     bar.close()
-    counters = ("parse_failures", "out_of_candidates", "duplicates", "wrong_length", "constraint_violations")
-    invalid = {k: totals[k] for k in (*counters, "bad_ranks", "empty_reasons")}
-    n = totals["requests"]
-    return {
-        "requests": n,
-        "parsed_share": round((n - totals["parse_failures"]) / n, 5) if n else None,
-        "invalid": invalid,
-        "all_valid": n > 0 and all(v == 0 for v in invalid.values()),
-        "fallbacks": totals["fallbacks"],
-        "fallback_reasons": dict(fallbacks),
-        "fallback_examples": fallback_examples,
-        "by_dataset": by_dataset,
-        "max_reason_tokens": reason_tokens,
-        "group_size": group_size,
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "examples": examples,
-    }
+    return summary(finished=True)
 
 
 def _example(shop: Shop, request: RetrievalRequest, out: Recommendation, cfg: GeneratorConfig) -> dict[str, Any]:
@@ -622,10 +661,17 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> dict[
 
     if "validity" in sections and args.requests > 0:
         valid_shops = [s for s in (shop(n) for n in names) if s is not None]
+
+        def partial(result: dict[str, Any]) -> None:  # a long run leaves its counts so far in --out
+            report["validity"] = {**result, "datasets_skipped": dict(skipped), "load_avg_now": _loadavg()}
+            _write(args.out, report)
+
         record(
             "validity",
             lambda: {
-                **run_validity(valid_shops, backend, args.requests, args.group_size, args.reason_tokens, args.seed),
+                **run_validity(
+                    valid_shops, backend, args.requests, args.group_size, args.reason_tokens, args.seed, partial
+                ),
                 "datasets_skipped": dict(skipped),
             },
         )
