@@ -4,6 +4,10 @@ Serving ranks candidates by ``w * z(LLM) + (1 - w) * z(retrieval)`` (`generator.
 applies the diversity step and the constraints. `fit_llm_weight` picks ``w`` from a grid that includes 0 by
 NDCG@10 on validation cases, so a model that adds nothing gets ``w = 0`` and the LLM stage then cannot make the
 ranking worse than retrieval order (up to the noise of the validation sample). Ties go to the smaller weight.
+
+Small validation samples are noisy (a demo run validates on 24 users, of whom ~8 have their target among the
+candidates), so the best weight is kept only if its per-user gain over ``w = 0`` is at least `min_gain_se`
+standard errors (paired over the same users); otherwise ``w = 0``: retrieval order, with the LLM's reasons.
 """
 
 from __future__ import annotations
@@ -50,10 +54,22 @@ def metrics(cases: Sequence[ScoredCase], w: float, *, seed: int = 0) -> dict[str
     }
 
 
-def fit_llm_weight(cases: Sequence[ScoredCase], grid: Sequence[float] = DEFAULT_GRID) -> tuple[float, dict[str, float]]:
-    """The grid weight with the best mean NDCG@10 (the smallest on ties), and the NDCG@10 of every grid point."""
+def fit_llm_weight(
+    cases: Sequence[ScoredCase], grid: Sequence[float] = DEFAULT_GRID, *, min_gain_se: float = 1.0
+) -> tuple[float, dict[str, float]]:
+    """The grid weight with the best mean NDCG@10 (the smallest on ties) if its gain over w = 0 is at least
+    `min_gain_se` standard errors, else 0; and the NDCG@10 of every grid point."""
     if not grid or any(not 0 <= w <= 1 for w in grid):
         raise ValueError(f"the fusion grid must be non-empty weights in [0, 1], got {list(grid)}")
-    curve = {f"{w:g}": float(ndcg_at_k(ranks(cases, w), 10).mean()) if cases else 0.0 for w in sorted(grid)}
+    if min_gain_se < 0:
+        raise ValueError(f"`min_gain_se` must be >= 0, got {min_gain_se}")
+    per_user = {w: ndcg_at_k(ranks(cases, w), 10) for w in sorted({0.0, *grid})}
+    curve = {f"{w:g}": float(per_user[w].mean()) if cases else 0.0 for w in sorted(grid)}
     best = max(sorted(grid), key=lambda w: (round(curve[f"{w:g}"], 12), -w))
+    gain = per_user[best] - per_user[0.0]
+    if best > 0 and len(gain) > 1:
+        se = float(gain.std(ddof=1)) / math.sqrt(len(gain))
+        # one user's gain among n unmoved ones sits exactly at 1 SE (mean = sd / sqrt(n) = g / n): not enough
+        if float(gain.mean()) <= min_gain_se * se + 1e-9:
+            best = 0.0 if 0.0 in grid else min(grid)
     return float(best), curve

@@ -183,12 +183,14 @@ _SIGNAL_SENTENCES = {
 
 
 def _named(items: Sequence[Item], name: str) -> list[Item]:
-    """Items whose short name is `name`, or starts with it when it has at least two words (a shortened mention)."""
-    n = name.strip().lower()
+    """Items a mention refers to: its short name, or any prefix of its title of at least two words ("Globetrek
+    Explorer Compression Packing Cubes Set" names "Globetrek Explorer Compression Packing Cubes Set of 6, Silver")."""
+    n = " ".join(name.split()).lower()
     out = []
     for it in items:
-        s = short_name(it.title).lower()
-        if s == n or (len(n.split()) >= 2 and s.startswith(n)):
+        title = " ".join(it.title.split()).lower()
+        prefix = title.startswith(n) and (len(title) == len(n) or not title[len(n)].isalnum())
+        if n == short_name(it.title).lower() or (len(n.split()) >= 2 and prefix):
             out.append(it)
     return out
 

@@ -395,7 +395,7 @@ def train(
                 loss, n = _answer_loss(model, ids, mask, labels)
                 # token-weighted over the accumulation group: every answer token counts the same
                 (loss * (n / max(n_answer, 1))).backward()
-                step_loss += float(loss) * n / max(n_answer, 1)
+                step_loss += float(loss.detach()) * n / max(n_answer, 1)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
             sched.step()

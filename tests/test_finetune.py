@@ -136,6 +136,9 @@ def test_reasons_name_checkable_evidence(tiny):
     assert check_reason("Same brand as your Arclite Slim Smartphone.", catalog["case2"], ctx) is None
     assert check_reason("Same brand as your Precisa Compact Hammer Drill.", catalog["case"], ctx) is None
     assert check_reason("A lovely item for you.", catalog["case"], ctx) is None  # unverifiable = unconfirmed
+    # a mention may be any word-aligned prefix of the title, not a cut inside a word
+    assert check_reason("Same brand as your Arclite Slim Smartphone 128GB.", catalog["case"], ctx) == "brand"
+    assert check_reason("Same brand as your Arclite Slim Smart.", catalog["case"], ctx) is None
     query = ReasonContext(catalog, query="phone case under 20")
     assert write_reason(catalog["case2"], query) == ("query", 'Matches your search for "phone".')
     cand = Candidate(item_id="case2", score=1.0, sources={"itemknn": SignalEvidence(rank=3, score=1.0)})
@@ -211,6 +214,13 @@ def test_fusion_weight_is_zero_when_the_llm_hurts_and_one_when_it_helps():
     assert w == 0.0 and curve["0"] == pytest.approx(1.0)
     w, _ = fit_llm_weight(helpful)
     assert w == 0.5 and ranks(helpful, w)[0] == 1  # the smallest weight that puts the target first
+    # one lucky user among many unmoved ones is not evidence: the gain is under one standard error
+    lucky = (
+        [ScoredCase(np.array([0.0, 0.0, 5.0, 0.0, 0.0]), retrieval, 2)]
+        + [ScoredCase(np.zeros(5), retrieval, None)] * 2
+        + [ScoredCase(np.array([0.0, 9.0, 0.0, 0.0, 0.0]), retrieval, 0)]
+    )
+    assert fit_llm_weight(lucky)[0] == 0.0 and fit_llm_weight(lucky, min_gain_se=0.0)[0] > 0
     missed = [ScoredCase(np.zeros(5), retrieval, None)]
     assert ranks(missed, 0.5)[0] == math.inf
     assert fit_llm_weight(missed)[0] == 0.0  # all ties: the smallest weight
