@@ -48,6 +48,10 @@ def export(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        if manifest.get("base_model") and hasattr(model, "peft_config"):
+            # the portable name, not this machine's cache path (serving passes the base model explicitly anyway)
+            for peft_config in model.peft_config.values():
+                peft_config.base_model_name_or_path = str(manifest["base_model"])
         save_adapter(model, tmp)
         body = {"format_version": MANIFEST_VERSION, **manifest}
         (tmp / ADAPTER_MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
