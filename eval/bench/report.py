@@ -37,7 +37,7 @@ def retrieval_table(r: dict[str, Any]) -> str:
         c = d["checks"]
         checks.append(
             f"- {ds}: {d['test_users']} test users, {d['items']} items; fusion beats every signal on Recall@20: "
-            f"**{c['fusion_beats_every_signal_recall@20']}** (best single: {c['best_single_signal']}); "
+            f"**{c['fusion_beats_every_signal_recall@20']}** (best single: {c['best_single_signal']}{_paired(c)}); "
             f"fusion / popularity Recall@20 = **{c['fusion_vs_popularity_recall@20']}x**; "
             f"SASRec NDCG@10 = **{c['sasrec_ndcg@10']:.4f}**; fitted weights {d['fusion_weights']['weights']} "
             f"(rrf_k {d['fusion_weights']['rrf_k']}); train {d['seconds']['fit']} s, total {d['seconds']['total']} s."
@@ -45,6 +45,13 @@ def retrieval_table(r: dict[str, Any]) -> str:
     m = r["machine"]
     foot = f"\nMachine: {m['cpus']} CPUs, {m['platform']}, torch {m['torch']}. Seed {r['seed']}.\n"
     return "\n".join(lines) + "\n\n" + "\n".join(checks) + "\n" + foot
+
+
+def _paired(c: dict[str, Any]) -> str:
+    p = c.get("fusion_minus_best_single_recall@20_paired")
+    if not p:
+        return ""
+    return f", paired difference {p[0]:+.4f} [{p[1]:+.4f}, {p[2]:+.4f}]"
 
 
 def faiss_table(r: dict[str, Any]) -> str:
