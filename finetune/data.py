@@ -11,7 +11,7 @@ module only adds the answer the constrained decoder would have had to produce:
 - **reason examples**: the one-candidate reason prompt of score mode ending in the prefilled ``"1. (L)"``, then
   the reason (what `ReasonController` decodes), for the target and the next picks.
 
-Reasons are grounded (`finetune.reasons`): each cites evidence the catalog confirms. Every answer is tokenised and
+Reasons are grounded (`generator.reasons`): each cites evidence the catalog confirms. Every answer is tokenised and
 read back through the generator's own controllers (`PicksController.parse` / `ReasonController.parse`); an answer
 the decoder could not have produced is a bug, and raises.
 
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from eval.splits import Case
-from finetune.reasons import ReasonContext, write_reason
 from generator.constraints import allowed_next
 from generator.decoding import COPY_SPAN, PicksController, PicksParseError
 from generator.prompts import format_answer
+from generator.reasons import ReasonContext, write_reason
 from generator.recommender import Prepared, Recommender
 from retrieval.types import Interaction, RetrievalRequest
 
@@ -132,7 +132,11 @@ def build_examples(
     if recommender.backend is None:
         raise ValueError("build_examples needs a Recommender with a backend: prompts use its chat template.")
     cfg = recommender.config
-    comp = complements or {}
+    comp = recommender.complements if complements is None else complements
+    if dict(comp) != dict(recommender.complements):
+        # the reason rows are read back through the serving decoder, which offers only the sentences the
+        # recommender can prove: training on complements it does not know would teach sentences it never allows
+        raise ValueError("pass the complements to the Recommender (Recommender(..., complements=...)), not only here")
     out: list[Example] = []
     skipped = rejected = n_rank = n_reason = 0
     for case in cases:

@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from finetune.data import build_examples, sample_cases, split_cases
 from finetune.export import export
-from finetune.reasons import ReasonContext, check_reason
 from finetune.train import TrainConfig, load_trainable, prepare_validation, train
 from generator.model import DEFAULT_MODEL
+from generator.reasons import ReasonContext, check_reason
 from generator.recommender import GeneratorConfig, Recommender
 
 
@@ -123,7 +123,7 @@ def run(
     base_path = resolve_model_path(ModelSpec(model=base_model), dtype=cfg.dtype)
     model, tok = load_trainable(base_path, cfg)
     backend = TransformersBackend.from_loaded(model, tok)
-    recommender = Recommender(fusion, catalog, backend, config=gen)
+    recommender = Recommender(fusion, catalog, backend, config=gen, complements=complements)
 
     t1 = time.perf_counter()
     examples, stats = build_examples(

@@ -14,6 +14,10 @@ The model writes exactly K lines, then end-of-sequence::
 - ``")"`` is forced, then the reason: free text without special tokens (EOS, chat markers) or newlines, starting
   with a space-led token (how ``") Matches"`` tokenises naturally); the newline that ends it is allowed only once
   the reason has `min_reason_tokens` tokens and contains a letter, and is forced at `max_reason_tokens`;
+- grounded reasons: with `reason_choices` (label index -> sentences), the reason of that label may only be one of
+  its sentences, token by token (a trie walk), then the newline. The recommender passes the sentences that
+  `generator.reasons.reason_options` proves true of this shopper and item, so the model chooses among true
+  evidence and cannot invent any; labels without choices write free text under the rules below;
 - three simple loop guards (documented, not clever): a reason must contain a letter within its first 3 tokens
   (no "1.1.1.1" reasons); no token may complete an immediate repetition of a span of 4 or more tokens (so a
   reason cannot cycle: any periodic loop repeats a span of length >= 4 within two periods of at least 4 tokens);
@@ -36,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import re
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -170,6 +174,7 @@ class _LinesController:
         min_reason_tokens: int = 2,
         max_reason_tokens: int = 32,
         first_number: int = 1,
+        reason_choices: Mapping[int, Sequence[str]] | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -191,6 +196,7 @@ class _LinesController:
         self._prefixes = [self._line_prefix(first_number + i, starts_answer=i == 0) for i in range(k)]
         self.label_ids = self._label_token_ids()
         self._label_of_id = {tid: j for j, tid in enumerate(self.label_ids)}
+        self._choices = self._tokenize_choices(reason_choices or {})
         self._state = self._initial_state()
         self._seen: list[int] = []
 
@@ -222,6 +228,22 @@ class _LinesController:
             )
         return ids
 
+    def _tokenize_choices(self, choices: Mapping[int, Sequence[str]]) -> dict[int, list[tuple[int, ...]]]:
+        """Token ids of each label's allowed reason sentences, as they follow the closing ")".
+
+        Sentences longer than `max_reason_tokens` are dropped; a label left with none writes a free reason (the
+        caller always passes short ones, see generator.reasons)."""
+        lead = " " if self.tokenizer.decode(list(self._facts.close_ids)) == ")" else ""
+        out: dict[int, list[tuple[int, ...]]] = {}
+        for j, sentences in choices.items():
+            if not 0 <= j < len(self.labels):
+                raise ValueError(f"reason_choices names label index {j}, but there are {len(self.labels)} labels")
+            ids = [tuple(self.tokenizer.encode(lead + t.strip())) for t in sentences if t.strip()]
+            fitting = list(dict.fromkeys(x for x in ids if 1 <= len(x) <= self.max_reason_tokens))
+            if fitting:
+                out[j] = fitting
+        return out
+
     @property
     def max_new_tokens(self) -> int:
         """Enough tokens for K complete lines and the EOS: pass it as the backend's max_new_tokens."""
@@ -247,6 +269,14 @@ class _LinesController:
         if s.phase is _Phase.DONE:
             return [self.tokenizer.eos_token_id]
         n = len(s.reason)
+        choices = self._choices.get(s.chosen[-1]) if s.chosen else None
+        if choices:  # grounded: only continuations of this label's sentences, a newline once one is complete
+            prefix = tuple(s.reason)
+            live = [c for c in choices if c[:n] == prefix]
+            allowed = sorted({c[n] for c in live if len(c) > n})
+            if any(len(c) == n for c in live) or not allowed:
+                allowed.append(f.newline_id)
+            return allowed
         if n >= self.max_reason_tokens:
             return [f.newline_id]
         lettered = any(f.has_letter[t] for t in s.reason)
@@ -354,10 +384,18 @@ class PicksController(_LinesController):
         *,
         min_reason_tokens: int = 2,
         max_reason_tokens: int = 32,
+        reason_choices: Mapping[int, Sequence[str]] | None = None,
     ) -> None:
         if k > len(labels):
             raise ValueError(f"k={k} picks asked for but only {len(labels)} labels")
-        super().__init__(tokenizer, labels, k, min_reason_tokens=min_reason_tokens, max_reason_tokens=max_reason_tokens)
+        super().__init__(
+            tokenizer,
+            labels,
+            k,
+            min_reason_tokens=min_reason_tokens,
+            max_reason_tokens=max_reason_tokens,
+            reason_choices=reason_choices,
+        )
         self.allowed_fn = allowed_fn
 
     def _label_choices(self, state: _State) -> list[int]:
@@ -393,6 +431,7 @@ class ReasonController(_LinesController):
         max_reason_tokens: int = 32,
         first_number: int = 1,
         prefilled: bool = False,
+        reason_choices: Mapping[int, Sequence[str]] | None = None,
     ) -> None:
         self.prefilled = prefilled
         super().__init__(
@@ -402,6 +441,7 @@ class ReasonController(_LinesController):
             min_reason_tokens=min_reason_tokens,
             max_reason_tokens=max_reason_tokens,
             first_number=first_number,
+            reason_choices=reason_choices,
         )
 
     def _label_choices(self, state: _State) -> list[int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,6 +77,12 @@ class GeneratorConfig(BaseModel):
     # also the ones a reason cites ("goes with the tent you just bought").
     reason_history: int = Field(
         default=3, ge=0, description="reason_prompt='pick': most recent history items each reason row shows."
+    )
+    grounded_reasons: bool = Field(
+        default=True,
+        description="Each reason is decoded as one of the sentences generator.reasons proves true of this shopper "
+        "and item (a search term, the same brand or category as a shown history item, the retriever that found "
+        "it); False: free text under the loop guards.",
     )
     reason_batch: int = Field(
         default=40,
@@ -163,6 +169,7 @@ class Recommender:
         prompts: PromptLibrary | None = None,
         config: GeneratorConfig | None = None,
         item_vectors: np.ndarray | None = None,
+        complements: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         self.retriever = retriever
         self.catalog = catalog
@@ -172,6 +179,9 @@ class Recommender:
         if self.config.variant not in self.prompts.variants():
             raise ValueError(f"unknown prompt variant {self.config.variant!r}; available: {self.prompts.variants()}")
         self.item_vectors = item_vectors
+        # The catalog owner's complement relations (leaf category path -> complementary leaf paths), if known:
+        # they let a grounded reason say "Goes with your <history item>" (generator.reasons).
+        self.complements: Mapping[str, frozenset[str]] = complements or {}
 
     # ---------------------------------------------------------------- public API
     def recommend(self, request: RetrievalRequest, config: GeneratorConfig | None = None) -> Recommendation:
@@ -398,15 +408,36 @@ class Recommender:
         assert self.backend is not None, "reason prompts need a backend (its tokenizer and chat template)"
         view = p.views[index]
         shared = p.config.reason_prompt == "candidates"
+        shown = p.config.max_history if shared else min(p.config.max_history, p.config.reason_history)
         ctrl = ReasonController(
             self.backend.tokenizer,
             [view.label],
             first_number=line if shared else 1,  # a one-candidate prompt asks for one pick: "1. (L)"
             max_reason_tokens=p.config.max_reason_tokens,
             prefilled=True,
+            reason_choices={0: self._true_reasons(p, index, shown)} if p.config.grounded_reasons else None,
         )
         base = p.prompt if shared else self._chat_prompt(p, [view], single=True)
         return base + ctrl.prompt_suffix, ctrl
+
+    def _true_reasons(self, p: Prepared, index: int, history_shown: int) -> list[str]:
+        """The sentences that hold for candidate `index` of `p`, citing only the `history_shown` latest items."""
+        from generator.reasons import ReasonContext, grounded_sentences
+
+        request = p.request
+        ctx = ReasonContext(
+            catalog=self.catalog,
+            history=tuple(request.history[-history_shown:]) if history_shown else (),
+            cart=request.cart,
+            query=request.query,
+            complements=self.complements,
+        )
+        candidate = p.candidates[index]
+        assert self.backend is not None
+        tok, budget = self.backend.tokenizer, p.config.max_reason_tokens
+        return grounded_sentences(
+            self.catalog[candidate.item_id], ctx, candidate, fits=lambda t: len(tok.encode(" " + t)) <= budget
+        )
 
     def _render_order(self, p: Prepared, order: np.ndarray) -> str:
         """The prompt with the candidates in `order`; labels follow positions, so they are re-assigned."""
@@ -460,6 +491,11 @@ class Recommender:
                     k,
                     lambda chosen, f=allowed: f(chosen),  # type: ignore[misc]
                     max_reason_tokens=p.config.max_reason_tokens,
+                    reason_choices=(
+                        {j: self._true_reasons(p, j, p.config.max_history) for j in range(len(p.views))}
+                        if p.config.grounded_reasons
+                        else None
+                    ),
                 )
             )
         max_new = max(c.max_new_tokens for c in controllers)

@@ -192,6 +192,51 @@ def test_controller_state_survives_restarts() -> None:
     assert not ctl.done(ids) and set(ctl.allowed(ids)) == label_ids - {ctl.label_ids[0]}
 
 
+# --- grounded reasons: a trie over the sentences that hold --------------------------------------------------------
+
+TRUE = ["Same brand as your Trail Runner 2.", "Often bought with your recent items.", "Often chosen next."]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_grounded_reasons_are_one_of_the_given_sentences(seed: int) -> None:
+    backend = FakeBackend(seed=seed)  # random tokens wherever the controller allows a choice
+    prompt = backend.tokenizer.chat_template([{"role": "user", "content": "pick"}])
+    choices = {0: TRUE, 1: TRUE[1:], 2: ["Popular with other shoppers."]}
+    # the fake tokenizer spells most words letter by letter: a budget that every sentence fits
+    ctl = PicksController(backend.tokenizer, LABELS[:4], 3, reason_choices=choices, max_reason_tokens=64)
+    (out,) = backend.generate([prompt], [ctl], max_new_tokens=ctl.max_new_tokens)
+    picks = ctl.parse(out.token_ids)
+    assert len(picks) == 3
+    for p in picks:
+        index = LABELS.index(p.label)
+        if index in choices:
+            assert p.reason in choices[index], p
+        else:  # label D has no sentences: free text under the usual guards
+            assert p.reason and any(c.isalpha() for c in p.reason)
+
+
+def test_a_saboteur_cannot_leave_the_grounded_sentences() -> None:
+    backend = FakeBackend()
+    tok = backend.tokenizer
+    prompt = tok.chat_template([{"role": "user", "content": "explain"}])
+    backend.scripts[prompt] = " Same brand as your Gucci handbag, trust me.\n"  # invented evidence
+    ctl = ReasonController(tok, ["C"], prefilled=True, reason_choices={0: TRUE}, max_reason_tokens=64)
+    (out,) = backend.generate([prompt + ctl.prompt_suffix], [ctl], max_new_tokens=ctl.max_new_tokens)
+    (pick,) = ctl.parse(out.token_ids)
+    assert pick.reason == TRUE[0]  # it follows the script while it can ("Same brand as your"), then must comply
+    with pytest.raises(PicksParseError, match="not allowed"):
+        ctl.parse(tok.encode(" Same brand as your Gucci handbag.\n"))
+
+
+def test_reason_choices_that_cannot_fit_fall_back_to_free_text() -> None:
+    tok = FakeBackend().tokenizer
+    long = "A sentence far longer than the reason budget allows for any single pick here."
+    ctl = ReasonController(tok, ["A"], prefilled=True, reason_choices={0: [long]}, max_reason_tokens=4)
+    assert set(ctl.allowed([])) != {tok.encode(" A")[0]}  # not forced: the long sentence was dropped
+    with pytest.raises(ValueError, match="label index 3"):
+        ReasonController(tok, ["A"], reason_choices={3: TRUE})
+
+
 # --- the real model -------------------------------------------------------------------------------------------------
 
 CANDIDATES = [  # (title, category): 8 shoes, so a cap of 2 has to bite
@@ -273,3 +318,16 @@ def test_real_model_one_pass_reasons(smol: Backend) -> None:
     (out,) = smol.generate([prompt], [ctl], max_new_tokens=ctl.max_new_tokens)
     picks = ctl.parse(out.token_ids)
     assert [p.label for p in picks] == top and all(p.reason for p in picks)
+
+
+@pytest.mark.slow
+def test_real_model_grounded_reasons_choose_among_true_sentences(smol: Backend) -> None:
+    prompt = _rank_prompt(smol, CANDIDATES)
+    top = ["A", "B", "C"]
+    choices = {0: TRUE, 1: TRUE[1:], 2: ["Popular with other shoppers.", "A best seller with other shoppers."]}
+    ctl = ReasonController(smol.tokenizer, top, max_reason_tokens=16, reason_choices=choices)
+    (out,) = smol.generate([prompt], [ctl], max_new_tokens=ctl.max_new_tokens)
+    picks = ctl.parse(out.token_ids)
+    assert out.finish_reason == "stop"
+    assert [p.label for p in picks] == top
+    assert all(p.reason in choices[i] for i, p in enumerate(picks)), picks

@@ -11,10 +11,10 @@ import pytest
 
 from finetune.data import Example, answer_token_ids, build_examples, leaked, sample_cases, split_cases
 from finetune.fusion import ScoredCase, fit_llm_weight, ranks
-from finetune.reasons import ReasonContext, check_reason, short_name, write_reason
 from finetune.train import IGNORE, encode, length_grouped_batches, masked_lm_loss
 from generator.backends import make_backend
 from generator.model import adapter_llm_weight, read_adapter_manifest
+from generator.reasons import ReasonContext, check_reason, short_name, write_reason
 from generator.recommender import GeneratorConfig, Recommender
 from retrieval.catalog import Catalog
 from retrieval.events import histories
@@ -34,7 +34,13 @@ def fake_recommender(small_shop, split):
     signals = fit_signals(catalog, split.retriever_histories, ("popularity", "itemknn", "bm25"))
     retriever = FusionRetriever(catalog, list(signals.values()))
     # the fake tokenizer is nearly character-level: a sentence is ~40 of its tokens
-    return Recommender(retriever, catalog, make_backend("fake", seed=0), config=GeneratorConfig(max_reason_tokens=64))
+    return Recommender(
+        retriever,
+        catalog,
+        make_backend("fake", seed=0),
+        config=GeneratorConfig(max_reason_tokens=64),
+        complements=_complements(small_shop),
+    )
 
 
 def _complements(shop):

@@ -8,6 +8,7 @@ import pytest
 
 from generator.backends import make_backend
 from generator.constraints import CategoryConstraint, check_picks
+from generator.reasons import ReasonContext, check_reason, grounded_sentences
 from generator.recommender import GeneratorConfig, Recommender
 from retrieval.catalog import Catalog
 from retrieval.events import histories
@@ -112,6 +113,37 @@ def test_constraint_widens_candidates_or_says_why(parts):
         GeneratorConfig(k=5, constraint=CategoryConstraint(min_categories=6))
 
 
+def _assert_grounded(out, catalog, retriever, request, cfg, history_shown):
+    """Every reason is a sentence generator.reasons proves for its pick; the checker confirms it unless it is
+    the honest no-evidence sentence (only allowed when nothing else holds)."""
+    ctx = ReasonContext(catalog, tuple(request.history[-history_shown:]), query=request.query)
+    by_id = {c.item_id: c for c in retriever.retrieve(request, 500)}
+    confirmed = 0
+    for p in out.picks:
+        item, cand = catalog[p.item_id], by_id[p.item_id]
+        options = grounded_sentences(item, ctx, cand)
+        assert p.reason in options, p
+        if check_reason(p.reason, item, ctx, cand) is not None:
+            confirmed += 1
+        else:  # the no-evidence sentence, only for an item nothing checkable backs
+            assert all(check_reason(o, item, ctx, cand) is None for o in options), (p, options)
+    return confirmed
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_grounded_reasons_are_true_fake_backend(parts, mode):
+    catalog, hist, retriever = parts
+    rec = Recommender(retriever, catalog, make_backend("fake", seed=5))
+    cfg = GeneratorConfig(mode=mode, k=4, max_reason_tokens=64)  # the fake tokenizer spells words out
+    shown = cfg.max_history if mode == "generate" else min(cfg.max_history, cfg.reason_history)
+    confirmed = 0
+    for request in _requests(hist, 12):
+        out = rec.recommend(request, cfg)
+        assert not out.fallback, out.fallback_reason
+        confirmed += _assert_grounded(out, catalog, retriever, request, cfg, shown)
+    assert confirmed > 0
+
+
 @pytest.mark.slow
 def test_real_model_both_modes(parts):
     catalog, hist, retriever = parts
@@ -125,3 +157,5 @@ def test_real_model_both_modes(parts):
         _assert_valid(out, catalog, retriever, request, cfg)
         for p in out.picks:
             assert any(ch.isalpha() for ch in p.reason) and "1.1.1" not in p.reason
+        shown = cfg.max_history if mode == "generate" else min(cfg.max_history, cfg.reason_history)
+        _assert_grounded(out, catalog, retriever, request, cfg, shown)

@@ -1,4 +1,4 @@
-"""Grounded reasons: the sentences fine-tuning teaches, and the checker that confirms a generated one.
+"""Grounded reasons: the sentences the generator may say (and fine-tuning teaches), and their checker.
 
 A reason is only worth showing if it is true of THIS shopper and THIS item. `write_reason` picks the strongest
 evidence that holds, in this order, and says it in one short sentence that names what it rests on:
@@ -145,6 +145,21 @@ def reason_options(item: Item, ctx: ReasonContext, candidate: Candidate | None =
     department = item.category[0] if item.category else "this shop"
     out.extend(("none", s.format(department)) for s in _NONE)
     return out
+
+
+def grounded_sentences(
+    item: Item,
+    ctx: ReasonContext,
+    candidate: Candidate | None = None,
+    *,
+    fits: Callable[[str], bool] = lambda _: True,
+) -> list[str]:
+    """What the generator may say about `item` (the choices of its constrained reason decoding): every sentence
+    whose evidence holds and that `fits` (the token budget), strongest first; only when none does, the honest
+    no-evidence sentences."""
+    options = [(kind, sentence) for kind, sentence in reason_options(item, ctx, candidate) if fits(sentence)]
+    backed = [sentence for kind, sentence in options if kind != "none"]
+    return backed or [sentence for kind, sentence in options if kind == "none"]
 
 
 def write_reason(
