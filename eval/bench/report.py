@@ -94,9 +94,57 @@ def eval_table(results: Path = RESULTS) -> str | None:
     return table
 
 
+def generator_table(r: dict[str, Any]) -> str:
+    """Validity counts, position bias and latency of eval/bench/generator.py, whichever sections were run."""
+    out: list[str] = []
+    v = r.get("validity")
+    if v:
+        state = "complete" if v.get("finished", True) else "stopped early; counts up to the last finished group"
+        bad = sum(v["invalid"].values())
+        out.append(
+            f"**Validity** ({state}): {v['requests']} of {v.get('requests_planned', v['requests'])} random requests "
+            f"with the real model, {bad} invalid outputs {v['invalid']}, parsed share {v['parsed_share']}, "
+            f"{v['fallbacks']} fallbacks {v['fallback_reasons'] or ''}."
+        )
+        out.append("")
+        out.append("| dataset | requests | score mode | generate mode | invalid |")
+        out.append("|---|---|---|---|---|")
+        keys = ("parse_failures", "out_of_candidates", "duplicates", "wrong_length", "constraint_violations")
+        for ds, d in v["by_dataset"].items():
+            invalid = sum(d.get(k, 0) for k in keys)
+            out.append(
+                f"| {ds} | {d.get('requests', 0)} | {d.get('mode_score', 0)} | {d.get('mode_generate', 0)} "
+                f"| {invalid} |"
+            )
+        out.append("")
+    b = r.get("bias")
+    if b:
+        out.append(f"**Position bias** ({b['dataset']}, {b['users']} users; {b['protocol']}).")
+        out.append("")
+        out.append("| target placed | shuffled passes | mean rank | NDCG@10 [95% CI] | HR@1 | first listed wins |")
+        out.append("|---|---|---|---|---|---|")
+        for c in b["conditions"].values():
+            n = c["ndcg@10"]
+            out.append(
+                f"| {'first' if c['target_position'] == 1 else 'last'} | {c['shuffle_passes']} | "
+                f"{c['mean_rank']:.2f} | {n[0]:.3f} [{n[1]:.3f}, {n[2]:.3f}] | {c['hr@1']:.2f} | "
+                f"{c['first_listed_wins']:.2f} |"
+            )
+        out.append(f"\nRandom ranker NDCG@10: {b['random_ranker_ndcg@10']:.3f}.")
+        out.append("")
+    lat = r.get("latency")
+    if lat:
+        out.append("**Latency** (ms): " + ", ".join(f"{k} p50 {s['p50']}" for k, s in lat["ms"].items() if s))
+        out.append("")
+    m = r.get("machine", {})
+    out.append(f"Machine: {m.get('cpus')} CPUs, torch {m.get('torch')}, {m.get('torch_threads')} torch thread(s).")
+    return "\n".join(out) + "\n"
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "retrieval": ("retrieval.json", retrieval_table),
     "faiss": ("faiss_scale.json", faiss_table),
+    "generator": ("generator.json", generator_table),
 }
 
 
