@@ -420,8 +420,9 @@ class Recommender:
         base = p.prompt if shared else self._chat_prompt(p, [view], single=True)
         return base + ctrl.prompt_suffix, ctrl
 
-    def _true_reasons(self, p: Prepared, index: int, history_shown: int) -> list[str]:
-        """The sentences that hold for candidate `index` of `p`, citing only the `history_shown` latest items."""
+    def _true_reasons(self, p: Prepared, index: int, history_shown: int, budget: bool = True) -> list[str]:
+        """The sentences that hold for candidate `index` of `p`, citing only the `history_shown` latest items;
+        with `budget`, only those within `max_reason_tokens` (possibly none). Without, never empty."""
         from generator.reasons import ReasonContext, grounded_sentences
 
         request = p.request
@@ -433,10 +434,11 @@ class Recommender:
             complements=self.complements,
         )
         candidate = p.candidates[index]
-        assert self.backend is not None
-        tok, budget = self.backend.tokenizer, p.config.max_reason_tokens
+        if self.backend is None or not budget:  # nothing is decoded: no token budget to respect
+            return grounded_sentences(self.catalog[candidate.item_id], ctx, candidate)
+        tok, limit = self.backend.tokenizer, p.config.max_reason_tokens
         return grounded_sentences(
-            self.catalog[candidate.item_id], ctx, candidate, fits=lambda t: len(tok.encode(" " + t)) <= budget
+            self.catalog[candidate.item_id], ctx, candidate, fits=lambda t: len(tok.encode(" " + t)) <= limit
         )
 
     def _render_order(self, p: Prepared, order: np.ndarray) -> str:
@@ -583,7 +585,8 @@ class Recommender:
             Pick(
                 item_id=p.candidates[i].item_id,
                 rank=r,
-                reason=_evidence_reason(p.views[i]),
+                # the strongest sentence that holds: a fallback says nothing the model could not have said
+                reason=self._true_reasons(p, i, min(p.config.max_history, p.config.reason_history), budget=False)[0],
                 category=p.categories[i],
                 score=_finite(p.retrieval_rel[i]),
             )
@@ -630,11 +633,3 @@ def blend_scores(llm: np.ndarray, retrieval: np.ndarray, w: float) -> np.ndarray
 
 def _finite(x: float) -> float:
     return float(x) if math.isfinite(x) else -1e9
-
-
-def _evidence_reason(view: CandidateView) -> str:
-    """A plain sentence from the retrieval evidence (used when the model is unavailable)."""
-    if view.evidence:
-        text = view.evidence[0]
-        return text[0].upper() + text[1:] + "."
-    return f"A well-rated pick in {view.category}."

@@ -64,8 +64,11 @@ def test_random_constraints_never_violated_fake_backend(parts, mode):
 
 def test_no_backend_is_retrieval_mode_not_a_failure(parts):
     catalog, hist, retriever = parts
-    out = Recommender(retriever, catalog, None).recommend(_requests(hist, 1)[0])
+    request = _requests(hist, 1)[0]
+    out = Recommender(retriever, catalog, None).recommend(request)
     assert out.mode == "retrieval" and not out.fallback and len(out.picks) == 5
+    cfg = GeneratorConfig()
+    _assert_grounded(out, catalog, retriever, request, cfg, min(cfg.max_history, cfg.reason_history))
 
 
 class Broken:
@@ -98,6 +101,7 @@ def test_failures_fall_back_to_a_valid_diverse_list(parts, backend_kwargs, why):
     assert out.fallback and why in out.fallback_reason
     _assert_valid(out, catalog, retriever, request, cfg)
     assert len({p.category for p in out.picks}) == 5  # the cap of 1 per category held in the fallback too
+    _assert_grounded(out, catalog, retriever, request, cfg, min(cfg.max_history, cfg.reason_history))
 
 
 def test_constraint_widens_candidates_or_says_why(parts):
