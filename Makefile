@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-eval finetune-demo bench-finetune clean
+.PHONY: venv demo test check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-eval bench-generator finetune-demo bench-finetune clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -37,7 +37,7 @@ test: $(STAMP) check
 	$(BIN)/pytest -q
 
 # Full benchmark suite on ../shared/data and the demo shop (~1 h on 2 cores), then the README tables.
-bench: bench-retrieval bench-scale bench-eval
+bench: bench-retrieval bench-scale bench-eval bench-generator
 	$(BIN)/python -m eval.bench.report
 
 # Seconds-long smoke run of the same code (CI-sized): demo shop, a few users, 20k vectors.
@@ -61,6 +61,11 @@ bench-eval: $(STAMP)
 	$(BIN)/shoprec eval --data office $(EVAL_CONFIGS) --users 200 --curve --out eval/results/eval-office.json
 	$(BIN)/shoprec ab offline --a eval/configs/prompt-rank.toml --b eval/configs/prompt-terse.toml --data ml-100k \
 		--users 150 --out eval/results/ab-prompt-ml-100k.json
+
+# Validity of 1000 random requests with the real model, latency (20 candidates, k=5) and LLMRank's position-bias
+# test; over an hour on 1 thread of this box. The validity counts are written after every group of requests.
+bench-generator: $(STAMP)
+	$(BIN)/python -m eval.bench.generator --out eval/results/generator.json
 
 bench-scale: $(STAMP)
 	$(BIN)/python -m eval.bench.faiss_scale --out eval/results/faiss_scale.json
