@@ -137,7 +137,12 @@ def generator_table(r: dict[str, Any]) -> str:
         out.append("**Latency** (ms): " + ", ".join(f"{k} p50 {s['p50']}" for k, s in lat["ms"].items() if s))
         out.append("")
     m = r.get("machine", {})
-    out.append(f"Machine: {m.get('cpus')} CPUs, torch {m.get('torch')}, {m.get('torch_threads')} torch thread(s).")
+    threads = (v or {}).get("torch_threads") or m.get("torch_threads")  # what the sections ran with
+    out.append(f"Machine: {m.get('cpus')} CPUs, torch {m.get('torch')}, {threads} torch thread(s).")
+    if r.get("note"):
+        out.append(f"Note: {r['note']}.")
+    if lat and lat.get("note"):
+        out.append(f"Latency: {lat['note']}.")
     return "\n".join(out) + "\n"
 
 
