@@ -15,12 +15,11 @@ serving would load (the same pattern as `retrieval.index`).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from generator.model import ADAPTER_MANIFEST
+from retrieval.dense import atomic_directory
 
 MANIFEST_VERSION = 1
 
@@ -42,12 +41,7 @@ def export(
     """Write the adapter folder atomically; with `merged`, also a full merged model under ``merged/`` (the model
     is merged in place, so call this last)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(directory) as tmp:
         if manifest.get("base_model") and hasattr(model, "peft_config"):
             # the portable name, not this machine's cache path (serving passes the base model explicitly anyway)
             for peft_config in model.peft_config.values():
@@ -59,13 +53,4 @@ def export(
             (tmp / "validation_curve.json").write_text(json.dumps(curve, indent=2) + "\n", encoding="utf-8")
         if merged:
             model.merge_and_unload().save_pretrained(str(tmp / "merged"))
-        if directory.exists():
-            directory.rename(old)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not directory.exists():
-            old.rename(directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return directory

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -253,24 +251,12 @@ def build_index(
 
 
 def _write_atomically(directory: Path, retrievers: Mapping[str, Retriever], manifest: dict[str, Any]) -> None:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    from retrieval.dense import atomic_directory
+
+    with atomic_directory(directory) as tmp:
         for name, r in retrievers.items():
             r.save(tmp / name)  # type: ignore[attr-defined]
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
-        if directory.exists():
-            directory.rename(old)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not directory.exists():
-            old.rename(directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

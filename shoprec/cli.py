@@ -19,6 +19,7 @@ from rich.table import Table
 
 from retrieval.types import Filters
 from shoprec.config import ConfigError, Settings, load_settings
+from shoprec.errors import first_error as _first_error
 
 app = typer.Typer(
     help="shoprec: a prompt-driven generative recommender for e-commerce.",
@@ -281,15 +282,6 @@ def recommend(
             console.print(f"     {p.reason}", highlight=False)
 
     _emit(data, as_json, render)
-
-
-def _first_error(e: ValueError) -> str:
-    errors = getattr(e, "errors", None)
-    if callable(errors):
-        err = errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        return f"{loc}: {err['msg']}" if loc else str(err["msg"])
-    return str(e)
 
 
 @app.command()

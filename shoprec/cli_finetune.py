@@ -14,16 +14,9 @@ from typing import Any
 
 import typer
 
+from shoprec.errors import first_error as _first_error
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _first_error(e: ValueError) -> str:
-    errors = getattr(e, "errors", None)
-    if callable(errors):
-        err = errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        return f"{loc}: {err['msg']}" if loc else str(err["msg"])
-    return str(e)
 
 
 def _check_out_of_repo(dataset: str, out: Path) -> None:
