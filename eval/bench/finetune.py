@@ -49,13 +49,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="Flags passed to `shoprec finetune`.",
     )
     args = ap.parse_args(argv)
-    shoprec = str(Path(sys.executable).with_name("shoprec"))
+    # `python -m shoprec.cli` (not the console script) so a run from an exported copy uses that copy's code.
+    shoprec = [sys.executable, "-m", "shoprec.cli"]
     work = args.work / args.data
     adapter = work / "adapter"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.skip_train:
-        cmd = [shoprec, "finetune", "--data", args.data, "--out", str(adapter), *args.finetune_args.split()]
+        cmd = [*shoprec, "finetune", "--data", args.data, "--out", str(adapter), *args.finetune_args.split()]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     train_s = time.perf_counter() - t0
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _config(work / "fused.toml", f"tuned LLM + fusion (w={w:g})", "llm", adapter=adapter, llm_weight=w),
     ]
     eval_json = work / "eval.json"
-    cmd = [shoprec, "eval", "--data", args.data, "--users", str(args.users), "--out", str(eval_json)]
+    cmd = [*shoprec, "eval", "--data", args.data, "--users", str(args.users), "--out", str(eval_json)]
     for c in configs:
         cmd += ["--config", str(c)]
     print("+", " ".join(cmd), flush=True)
