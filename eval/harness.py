@@ -144,10 +144,12 @@ class EvalConfig(BaseModel):
         return self.name or self.system
 
     def generator_config(self) -> Any:
-        """The validated GeneratorConfig (eval defaults < the config's [generator] table)."""
+        """The validated GeneratorConfig: eval defaults < the adapter's fitted blend and trained prompt settings
+        (`generator.model.adapter_generator_settings`) < the config's [generator] table."""
+        from generator.model import adapter_generator_settings
         from generator.recommender import GeneratorConfig
 
-        return GeneratorConfig(**{**GENERATOR_DEFAULTS, **self.generator})
+        return GeneratorConfig(**{**GENERATOR_DEFAULTS, **adapter_generator_settings(self.adapter), **self.generator})
 
 
 # Built-in configs, usable by name wherever a config file is expected (`--config fusion`).

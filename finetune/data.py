@@ -255,10 +255,7 @@ def _reason_example(
 ) -> Example:
     assert recommender.backend is not None
     prompt, ctrl = recommender.reason_prompt(p, index, line)
-    shown = (
-        min(p.config.max_history, p.config.reason_history) if p.config.reason_prompt == "pick" else p.config.max_history
-    )
-    ctx = _context(p, shown, comp, recommender.catalog)
+    ctx = _context(p, p.config.reason_history_shown, comp, recommender.catalog)
     item = recommender.catalog[p.candidates[index].item_id]
     kind, reason = write_reason(item, ctx, p.candidates[index], fits=_fits(recommender, p.config.max_reason_tokens))
     answer = " " + format_answer([(p.views[index].label, reason)]).split(") ", 1)[1] + "\n"

@@ -91,7 +91,9 @@ def run(
     from retrieval.index import fit_fusion, fit_signals
 
     t0 = time.perf_counter()
-    gen = generator or GeneratorConfig()
+    # Reason examples read the short one-pick prompt: a full ranking prompt per reason example would make training
+    # ~4x longer on a CPU. The manifest records it, and serving renders the same (adapter_generator_settings).
+    gen = generator or GeneratorConfig(reason_prompt="pick")
     out = Path(out)
     ckpt = checkpoint_dir or Path("var") / "checkpoints" / out.name
     name, items, interactions, complements = _load(opts)
@@ -198,7 +200,7 @@ def check_reasons(
     cfg = gen.model_copy(update={"llm_weight": llm_weight, "mode": "score", "timeout_s": 600.0})
     requests = [RetrievalRequest(history=c.history) for c in cases]
     recs = recommender.recommend_batch(requests, cfg)
-    shown = min(cfg.max_history, cfg.reason_history) if cfg.reason_prompt == "pick" else cfg.max_history
+    shown = cfg.reason_history_shown
     checked = confirmed = fallbacks = 0
     samples: list[dict[str, Any]] = []
     for request, rec in zip(requests, recs, strict=True):

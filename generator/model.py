@@ -258,3 +258,28 @@ def adapter_llm_weight(adapter: str | Path | None) -> float | None:
     if not isinstance(w, int | float) or not 0 <= float(w) <= 1:
         raise ValueError(f"{Path(adapter) / ADAPTER_MANIFEST}: fusion.llm_weight must be a number in [0, 1], got {w!r}")
     return float(w)
+
+
+# The GeneratorConfig fields that shape what an adapter was trained to read and write: serving renders the same.
+ADAPTER_PROMPT_FIELDS = ("variant", "max_history", "reason_prompt", "reason_history", "max_reason_tokens")
+
+
+def adapter_generator_settings(adapter: str | Path | None) -> dict[str, object]:
+    """The GeneratorConfig fields a shoprec-trained adapter must be served with: its fitted `llm_weight` and the
+    prompt settings its training examples were rendered with (train/serve parity); {} for none or a plain PEFT folder.
+
+    E.g. an adapter trained on the short one-pick reason rows (`reason_prompt='pick'`, cheaper to train on a CPU)
+    writes its reasons from those rows at serving time too, whatever the serving default is."""
+    if adapter is None:
+        return {}
+    manifest = read_adapter_manifest(adapter)
+    if manifest is None:
+        return {}
+    trained = manifest.get("generator_config")
+    settings: dict[str, object] = (
+        {k: trained[k] for k in ADAPTER_PROMPT_FIELDS if k in trained} if isinstance(trained, dict) else {}
+    )
+    w = adapter_llm_weight(adapter)
+    if w is not None:
+        settings["llm_weight"] = w
+    return settings

@@ -68,13 +68,14 @@ class GeneratorConfig(BaseModel):
     # 20 tokens is one short sentence (~15 words); every token is one more decoding step of the whole batch.
     max_reason_tokens: int = Field(default=20, ge=4, le=64, description="Upper bound on a reason's length in tokens.")
     reason_prompt: Literal["pick", "candidates"] = Field(
-        default="pick",
-        description="Score mode: what each pick's reason row reads. 'pick': the prompt re-rendered with that one "
-        "candidate (short, and the model can only describe the right item); 'candidates': the full ranking prompt "
-        "(the scoring pass's text: cheap only on an engine that caches prefixes, such as vLLM).",
+        default="candidates",
+        description="Score mode: what each pick's reason row reads. 'candidates': the ranking prompt the scoring "
+        "pass just read (cheap on an engine that caches prefixes: the transformers backend's PrefixCache, vLLM); "
+        "'pick': the prompt re-rendered with that one candidate (short: for engines without prefix caching, and "
+        "for cheaper fine-tuning).",
     )
-    # Each reason row prefills its own prompt, so its length is most of the reasons' cost; the latest items are
-    # also the ones a reason cites ("goes with the tent you just bought").
+    # A 'pick' reason row prefills its own prompt, so its length is most of the reasons' cost; the latest items
+    # are also the ones a reason cites ("goes with the tent you just bought").
     reason_history: int = Field(
         default=3, ge=0, description="reason_prompt='pick': most recent history items each reason row shows."
     )
@@ -91,6 +92,11 @@ class GeneratorConfig(BaseModel):
     )
     timeout_s: float = Field(default=30.0, gt=0, description="Model time budget per batch; then the fallback is used.")
     seed: int = Field(default=0, description="Seed of the candidate shuffles.")
+
+    @property
+    def reason_history_shown(self) -> int:
+        """How many of the latest history items a score-mode reason row shows, and so may cite."""
+        return self.max_history if self.reason_prompt == "candidates" else min(self.max_history, self.reason_history)
 
     @model_validator(mode="after")
     def _satisfiable(self) -> GeneratorConfig:
@@ -362,8 +368,9 @@ class Recommender:
         `ReasonController` writes only the reason). The rows of all requests are decoded together, in batches of
         rows of similar length (left padding wastes less); `timeout_s` bounds the whole step. Why rows and not one
         sequence writing K lines: a decoding step costs about the same for 1 row as for K rows on this CPU, so K
-        rows take ~1/K of the sequential steps; each row prefills its own prompt, though (the transformers backend
-        shares no prefix), hence the short one-candidate prompt by default (`GeneratorConfig.reason_prompt`).
+        rows take ~1/K of the sequential steps. With `reason_prompt='candidates'` every row starts with the ranking
+        prompt the scoring pass just read, so an engine with prefix caching computes only its few new tokens; with
+        'pick' each row prefills its own short one-candidate prompt.
         """
         assert self.backend is not None
         cfg0 = prepared[0].config
@@ -408,7 +415,7 @@ class Recommender:
         assert self.backend is not None, "reason prompts need a backend (its tokenizer and chat template)"
         view = p.views[index]
         shared = p.config.reason_prompt == "candidates"
-        shown = p.config.max_history if shared else min(p.config.max_history, p.config.reason_history)
+        shown = p.config.reason_history_shown
         ctrl = ReasonController(
             self.backend.tokenizer,
             [view.label],

@@ -245,7 +245,10 @@ def recommend(
     recommender = svc.recommender(use_llm=not no_llm)
     try:
         cfg = GeneratorConfig(
-            llm_weight=recommender.config.llm_weight,  # fitted and stored with the adapter, when there is one
+            # the service's config: the adapter's fitted blend and trained prompt settings, when there is one
+            **recommender.config.model_dump(
+                exclude={"mode", "variant", "k", "diversity", "diversity_method", "constraint"}
+            ),
             mode=mode,  # type: ignore[arg-type]
             variant=variant,
             k=k,

@@ -62,14 +62,14 @@ class Shoprec:
         return make_backend(self.settings.llm_backend, model_spec=spec)
 
     def recommender(self, *, use_llm: bool = True) -> Any:
-        from generator.model import adapter_llm_weight
+        from generator.model import adapter_generator_settings
         from generator.recommender import GeneratorConfig, Recommender
 
         dense = self.retriever.retrievers.get("dense")
         vectors = getattr(dense, "vectors", None)
-        # A shoprec-trained adapter carries the LLM/retrieval blend fitted on its validation users: serve with it.
-        fitted = adapter_llm_weight(self.settings.adapter)
-        config = GeneratorConfig() if fitted is None else GeneratorConfig(llm_weight=fitted)
+        # A shoprec-trained adapter carries the LLM/retrieval blend fitted on its validation users and the prompt
+        # settings it was trained with: serve with both.
+        config = GeneratorConfig(**adapter_generator_settings(self.settings.adapter))  # type: ignore[arg-type]
         backend = self.backend if use_llm else None
         return Recommender(self.retriever, self.catalog, backend, config=config, item_vectors=vectors)
 

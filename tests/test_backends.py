@@ -268,3 +268,75 @@ def test_lora_adapter_changes_the_scores(tmp_path: Path) -> None:
         (with_adapter,) = tuned.label_logprobs([prompt], [LABELS[0]])
         (without,) = real_backend().label_logprobs([prompt], [LABELS[0]])
         assert np.isfinite(with_adapter).all() and np.abs(with_adapter - without).max() > 1e-3
+
+
+# --- the transformers backend's prefix cache and grouped attention ---------------------------------------------------
+
+
+def _kv(n_tokens: int, layers: int = 2) -> list:
+    import torch
+
+    return [(torch.zeros(1, 1, n_tokens, 4), torch.zeros(1, 1, n_tokens, 4)) for _ in range(layers)]
+
+
+def test_prefix_cache_picks_the_longest_shared_prefix_and_evicts_old_entries() -> None:
+    from generator.backends.transformers_backend import PrefixCache
+
+    entry_bytes = 2 * 2 * 10 * 4 * 4  # layers x (k, v) x tokens x dim x float32
+    cache = PrefixCache(max_bytes=2 * entry_bytes)
+    a, b = list(range(10)), [*range(6), 60, 61, 62, 63]
+    cache.store([(a, _kv(10)), (b, _kv(10))])
+    assert cache.lookup([*range(8), 99, 98])[1] == 8  # shares 8 with a, 6 with b
+    assert cache.lookup([*range(6), 60, 61, 7])[1] == 8  # b's 8
+    assert cache.lookup(a)[1] == 9  # the same prompt: its last token is computed again (its logits are needed)
+    assert cache.lookup([0, 1, 50, 51, 52, 53, 54])[1] == 0  # 2 of 7 shared: below MIN_REUSED_SHARE, not worth it
+    cache.store([(list(range(100, 110)), _kv(10)), (list(range(200, 210)), _kv(10))])  # one batch, over budget
+    assert len(cache) == 2  # a and b went; the batch that was just stored stays whole
+    assert cache.lookup(a) == (None, 0)
+    assert cache.stats["hits"] == 3 and cache.stats["reused_tokens"] == 8 + 8 + 9
+
+
+def test_grouped_attention_equals_sdpa() -> None:
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from generator.backends.transformers_backend import _grouped_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3  # type: ignore[assignment]
+    q, k, v = torch.randn(2, 6, 3, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = torch.ones(2, 1, 3, 7, dtype=torch.bool).tril(4)
+    mask[1, :, :, :2] = False  # row 1 is left-padded by two
+    for query, m in ((q, mask), (q[:, :, -1:], None), (q, None)):  # masked; one decoding step; implicit causal
+        got, _ = _grouped_attention(module, query, k, v, m, scaling=0.3)
+        want, _ = sdpa_attention_forward(module, query, k, v, m, scaling=0.3)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_prefix_cache_changes_cost_not_results() -> None:
+    """Reason rows that extend a scored prompt reuse its cached states, and decode exactly what they would alone."""
+    backend = real_backend()
+    cache = backend.prefix_cache  # type: ignore[attr-defined]
+    assert cache is not None
+    tok = backend.tokenizer
+    prompts = [_prompt(backend, t) for t in PROMPTS]
+    rows = [prompts[0] + "B) The fruit", prompts[1] + "C) A shoe", prompts[0] + "A) Not"]
+    with one_torch_thread():
+        backend.prefix_cache = None  # type: ignore[attr-defined]
+        try:
+            want_scores = backend.label_logprobs(prompts, LABELS)
+            want = backend.generate(rows, max_new_tokens=6)
+        finally:
+            backend.prefix_cache = cache  # type: ignore[attr-defined]
+        cache.clear()
+        got_scores = backend.label_logprobs(prompts, LABELS)  # stores the 3 prompts
+        before = dict(cache.stats)
+        got = backend.generate(rows, max_new_tokens=6)
+    reused = cache.stats["reused_tokens"] - before["reused_tokens"]
+    computed = cache.stats["computed_tokens"] - before["computed_tokens"]
+    assert reused >= 0.9 * sum(len(tok.encode(r)) for r in rows) and computed <= 3 * 6
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for g, w in zip(got_scores, want_scores, strict=True):
+        np.testing.assert_allclose(g, w, atol=TOLERANCE["transformers"])

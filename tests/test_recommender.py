@@ -139,7 +139,7 @@ def test_grounded_reasons_are_true_fake_backend(parts, mode):
     catalog, hist, retriever = parts
     rec = Recommender(retriever, catalog, make_backend("fake", seed=5))
     cfg = GeneratorConfig(mode=mode, k=4, max_reason_tokens=64)  # the fake tokenizer spells words out
-    shown = cfg.max_history if mode == "generate" else min(cfg.max_history, cfg.reason_history)
+    shown = cfg.max_history if mode == "generate" else cfg.reason_history_shown
     confirmed = 0
     for request in _requests(hist, 12):
         out = rec.recommend(request, cfg)
@@ -161,5 +161,5 @@ def test_real_model_both_modes(parts):
         _assert_valid(out, catalog, retriever, request, cfg)
         for p in out.picks:
             assert any(ch.isalpha() for ch in p.reason) and "1.1.1" not in p.reason
-        shown = cfg.max_history if mode == "generate" else min(cfg.max_history, cfg.reason_history)
+        shown = cfg.max_history if mode == "generate" else cfg.reason_history_shown
         _assert_grounded(out, catalog, retriever, request, cfg, shown)

@@ -1,29 +1,26 @@
 """The transformers (PyTorch) backend: the only module of the generator that imports torch and transformers.
 
-It turns the vendor-neutral protocol into transformers calls: prompts are left-padded into one batch (so the last
-position is every row's next-token position), `TokenController`s become one `LogitsProcessor` that masks every
-token but the allowed ones, and `timeout_s` becomes a `StoppingCriteria`. Everything runs under
-`torch.inference_mode()`. bf16 is used where the CPU computes it natively (see `generator.model.resolve_dtype`).
+It turns the vendor-neutral protocol into transformers forward passes: prompts are left-padded into one batch (so
+the last position is every row's next-token position), each reusing the keys and values of its longest prefix
+shared with a recently scored prompt (`PrefixCache`, as vLLM's prefix caching does); generation is a plain greedy
+loop in which `TokenController`s mask every token but the allowed ones and finished rows leave the batch.
+Everything runs under `torch.inference_mode()`. bf16 is used where the CPU computes it natively (see
+`generator.model.resolve_dtype`).
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from generator.backends.base import (
     FinishReason,
@@ -85,12 +82,10 @@ class HFTokenizer:
         return str(self._tok.apply_chat_template(safe, tokenize=False, add_generation_prompt=True))
 
 
-class _ControllerProcessor(LogitsProcessor):
+class _Constrainer:
     """Applies one `TokenController` per row: -inf on every token it does not allow; EOS only once it is done."""
 
-    def __init__(self, controllers: Sequence[TokenController | None], prompt_len: int, eos: int) -> None:
-        self.controllers = controllers
-        self.prompt_len = prompt_len
+    def __init__(self, eos: int) -> None:
         self.eos = eos
         self._tensors: dict[int, tuple[object, torch.Tensor]] = {}  # id(array) -> (array, tensor): reuse big sets
 
@@ -105,18 +100,18 @@ class _ControllerProcessor(LogitsProcessor):
             return t
         return torch.tensor(list(allowed), dtype=torch.long, device=device)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for row, controller in enumerate(self.controllers):
+    def apply(
+        self, scores: torch.Tensor, controllers: Sequence[TokenController | None], generated: Sequence[list[int]]
+    ) -> torch.Tensor:
+        """`scores` [rows, vocab] masked in place for each row's controller, given the ids it generated so far."""
+        for row, (controller, ids) in enumerate(zip(controllers, generated, strict=True)):
             if controller is None:
                 continue
-            generated = input_ids[row, self.prompt_len :].tolist()
-            if self.eos in generated:  # finished row: generate() pads it from here on, nothing to constrain
-                continue
-            allowed = [self.eos] if controller.done(generated) else controller.allowed(generated)
+            allowed = [self.eos] if controller.done(ids) else controller.allowed(ids)
             if allowed is None:
                 continue
             if len(allowed) == 0:
-                raise RuntimeError(f"{type(controller).__name__} allowed no token after {len(generated)} tokens")
+                raise RuntimeError(f"{type(controller).__name__} allowed no token after {len(ids)} tokens")
             idx = self._index(allowed, scores.device)
             keep = scores[row, idx]
             scores[row] = float("-inf")
@@ -124,16 +119,168 @@ class _ControllerProcessor(LogitsProcessor):
         return scores
 
 
-class _Deadline(StoppingCriteria):
-    """Stops the whole batch once `timeout_s` has passed (checked after every generated token)."""
+# Decoding steps and short prefills (a reason row's few new tokens) read a long cached prefix with 1-16 queries.
+# There torch's CPU SDPA is slow: in bf16 it took 4.5 ms per layer for 5 rows x 1,130 cached tokens (this box),
+# and transformers first copies the 3 key/value heads out to the 9 query heads. Grouping the query heads over the
+# shared key/value heads instead (two small matmuls, softmax in float32) took 1.1 ms: a decoding step fell from
+# ~220 ms to ~40 ms. Long prefills keep SDPA's fused causal kernel.
+GROUPED_ATTENTION = "shoprec_grouped"
+MAX_GROUPED_QUERIES = 16
 
-    def __init__(self, timeout_s: float) -> None:
-        self.deadline = time.monotonic() + timeout_s
-        self.fired = False
 
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        self.fired = self.fired or time.monotonic() >= self.deadline
-        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+def _grouped_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention for few queries over many keys, without repeating the key/value heads; else transformers' SDPA.
+
+    Shapes as transformers passes them: query [b, heads, q, d], key/value [b, kv_heads, L, d], attention_mask a
+    boolean [b, 1, q, L] (True = attend) or None; returns [b, q, heads, d]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, heads, q, d = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    special = any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias"))
+    # No mask with several queries means "causal" (SDPA's is_causal): left to SDPA, as is anything unusual.
+    implicit_causal = attention_mask is None and q > 1
+    if q > MAX_GROUPED_QUERIES or implicit_causal or special or dropout or heads % kv_heads:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    group = heads // kv_heads
+    scale = scaling if scaling is not None else d**-0.5
+    # head h = kv * group + j, the order of transformers' repeat_kv
+    scores = torch.matmul(query.reshape(b, kv_heads, group * q, d), key.transpose(-1, -2)).float() * scale
+    scores = scores.view(b, kv_heads, group, q, length)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[:, :, None, -q:, :], float("-inf"))
+        else:
+            scores = scores + attention_mask[:, :, None, -q:, :].float()
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b, kv_heads, group * q, length)
+    out = torch.matmul(probs, value).view(b, heads, q, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_grouped_attention(model: Any) -> None:
+    """Switch `model` to `_grouped_attention` where it runs SDPA (registered once, under GROUPED_ATTENTION)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return  # eager, flash or a model's own kernel: leave it
+    AttentionInterface.register(GROUPED_ATTENTION, _grouped_attention)
+    AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(GROUPED_ATTENTION)
+
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of ONE sequence, [1, heads, tokens, dim]
+
+
+MIN_REUSED_SHARE = 0.5  # see PrefixCache.lookup
+
+
+class PrefixCache:
+    """The key/value states of recent scoring prompts, by token ids: vLLM's automatic prefix caching, in miniature.
+
+    Score mode reads the ranking prompt once for the label scores, then writes each pick's reason in a row that
+    starts with that same prompt. With this cache those rows compute only their few new tokens: the reasons of
+    K picks cost K short decodes instead of K more prompt prefills. Any prompt gains from its longest shared
+    prefix with a cached one (e.g. the system text every request starts with). Least recently used entries are
+    evicted beyond `max_bytes`, but never the entries of the call that stored them (a batch keeps all its rows).
+    Exact by construction: cached states are those of the same token ids at the same positions.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[int, ...], tuple[npt.NDArray[np.int64], KV, int]] = OrderedDict()
+        self._bytes = 0
+        self.stats = {"lookups": 0, "hits": 0, "reused_tokens": 0, "computed_tokens": 0}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+    def lookup(self, ids: Sequence[int]) -> tuple[KV | None, int]:
+        """The cached entry sharing the longest prefix with `ids` and that length; at least one token of `ids` is
+        left to compute (its logits are needed). (None, 0) when less than `MIN_REUSED_SHARE` of `ids` is shared.
+
+        Why not any shared prefix: on this CPU attention is most of a 1,000-token prefill, and a cached prefix
+        turns SDPA's fused causal kernel into a masked one (31 vs 25 ms a layer, measured), so reusing the
+        ~130-token system text made scoring ~10% SLOWER. Reuse pays when most of the prompt is cached."""
+        self.stats["lookups"] += 1
+        row = np.asarray(ids, dtype=np.int64)
+        limit = len(row) - 1
+        best_key: tuple[int, ...] | None = None
+        best = 0
+        for key, (cached, _, _) in self._entries.items():
+            n = min(limit, len(cached))
+            if n <= best:
+                continue
+            diff = np.flatnonzero(cached[:n] != row[:n])
+            common = int(diff[0]) if diff.size else n
+            if common > best:
+                best_key, best = key, common
+        if best_key is None or best < MIN_REUSED_SHARE * len(row):
+            self.stats["computed_tokens"] += len(row)
+            return None, 0
+        self._entries.move_to_end(best_key)
+        self.stats["hits"] += 1
+        self.stats["reused_tokens"] += best
+        self.stats["computed_tokens"] += len(row) - best
+        return self._entries[best_key][1], best
+
+    def store(self, rows: Sequence[tuple[Sequence[int], KV]]) -> None:
+        """Add one entry per (ids, states); then evict the oldest entries not added here while over budget."""
+        fresh = set()
+        for ids, kv in rows:
+            key = tuple(ids)
+            if key in self._entries:
+                self._bytes -= self._entries.pop(key)[2]
+            size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+            self._entries[key] = (np.asarray(ids, dtype=np.int64), kv, size)
+            self._bytes += size
+            fresh.add(key)
+        for key in list(self._entries):
+            if self._bytes <= self.max_bytes:
+                break
+            if key not in fresh:
+                self._bytes -= self._entries.pop(key)[2]
+
+
+@dataclass
+class _Batch:
+    """A prefilled batch: the next-token logits and what decoding continues from (see `_prefill` for the layout)."""
+
+    logits: torch.Tensor  # [rows, vocab] float32, the last position's
+    cache: Any  # DynamicCache over [cached prefix | new tokens]
+    mask: torch.Tensor  # [rows, cached + width]
+    last_position: torch.Tensor  # [rows]
+    cached: int  # T: the longest cached prefix used
+    reused: list[int]  # c_i: cached tokens row i reused
+    width: int  # W: the longest new part
+    new: list[int]  # new tokens of row i
+
+    def row_states(self, i: int) -> KV:
+        """Row i's keys and values without its pads: what the prompt alone would have cached."""
+        t, c, w, n = self.cached, self.reused[i], self.width, self.new[i]
+        out = []
+        for layer in self.cache.layers:
+            k, v = layer.keys[i : i + 1], layer.values[i : i + 1]
+            out.append(
+                (
+                    torch.cat([k[:, :, t - c : t], k[:, :, t + w - n :]], dim=2),
+                    torch.cat([v[:, :, t - c : t], v[:, :, t + w - n :]], dim=2),
+                )
+            )
+        return out
 
 
 class TransformersBackend:
@@ -142,6 +289,7 @@ class TransformersBackend:
     `dtype`: 'auto' (bf16 where the CPU has native bf16, else fp32), 'bfloat16' or 'float32'. `num_threads` sets
     torch's intra-op threads for the whole process (None leaves torch's default). `device`: 'cpu', 'cuda', or
     'auto' (cuda when available). A LoRA adapter named in the spec is loaded with peft and merged.
+    `prefix_cache_mb`: budget of the `PrefixCache` of scored prompts (0: none).
     """
 
     def __init__(
@@ -151,6 +299,7 @@ class TransformersBackend:
         num_threads: int | None = None,
         device: str = "auto",
         cache_dir: str | None = None,
+        prefix_cache_mb: float = 256,
     ) -> None:
         spec = ModelSpec(model=model_spec) if isinstance(model_spec, str) else (model_spec or ModelSpec())
         self.spec = spec
@@ -179,10 +328,14 @@ class TransformersBackend:
             if spec.merge_adapter:
                 model = model.merge_and_unload()
         self.model: Any = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            _use_grouped_attention(self.model)
         self._hf_tok = tok
         self._tokenizer = HFTokenizer(tok)
         self._head: torch.Tensor | None = None  # float32 output head for label scoring (see _fp32_head)
         self._head_decided = False
+        # 256 MB hold ~10 SmolLM2 prompts of 1,100 tokens (23 KB of bf16 keys and values per token); 0 turns it off.
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.load_s = time.perf_counter() - t0
 
     @classmethod
@@ -204,6 +357,7 @@ class TransformersBackend:
         self._tokenizer = HFTokenizer(tokenizer)
         self._head = None
         self._head_decided = False
+        self.prefix_cache = None  # the caller may change the weights (training): cached states would go stale
         self.load_s = 0.0
         return self
 
@@ -211,35 +365,90 @@ class TransformersBackend:
     def tokenizer(self) -> HFTokenizer:
         return self._tokenizer
 
-    def _batch(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self._hf_tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    @property
+    def prefix_caching(self) -> bool:
+        """True while prompts that share a prefix with a recently scored prompt skip recomputing it."""
+        return self.prefix_cache is not None
 
     def label_logprobs(self, prompts: Sequence[str], labels: Sequence[Sequence[str]]) -> list[npt.NDArray[np.float64]]:
         validate_label_args(prompts, labels)
         if not prompts:
             return []
         label_ids = [check_single_token_labels(self._tokenizer, ls) for ls in labels]
-        batch = self._batch(prompts)
-        mask = batch["attention_mask"]
-        # Positions count real tokens only, as generate() does, so a left-padded row equals the same prompt alone.
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        rows = [self._tokenizer.encode(p) for p in prompts]
         with torch.inference_mode():
-            logits = self._last_logits(batch, position_ids)
-            logp = torch.log_softmax(logits, dim=-1)
+            state = self._prefill(rows)
+            logp = torch.log_softmax(state.logits, dim=-1)
+            if self.prefix_cache is not None and not all(type(x) is DynamicLayer for x in state.cache.layers):
+                self.prefix_cache = None  # sliding-window or hybrid layers: a prefix's states are not plain keys
+            if self.prefix_cache is not None:  # the reason rows that follow start with these prompts
+                self.prefix_cache.store([(ids, state.row_states(i)) for i, ids in enumerate(rows)])
         return [logp[i, ids].double().cpu().numpy() for i, ids in enumerate(label_ids)]
 
-    def _last_logits(self, batch: dict[str, torch.Tensor], position_ids: torch.Tensor) -> torch.Tensor:
-        """float32 logits of the last position. In bf16 the output head rounds logits of magnitude ~10-20 to steps
-        of 0.06-0.125, which ties labels; so, for plain linear heads, the head runs in float32 on the last hidden
-        state instead (a cached float32 copy of the head; the body stays bf16)."""
+    def _prefill(self, rows: Sequence[Sequence[int]]) -> _Batch:
+        """One forward pass over the prompts `rows` (token ids), reusing each row's longest cached prefix.
+
+        Layout of row i in the batch (T = the longest cached prefix used, W = the longest remaining part):
+        [pad .. | cached prefix c_i][pad .. | new tokens]. Pads are masked out and positions count real tokens
+        only, so each row computes exactly what it would alone; cached states carry their positions already.
+        """
+        hits = [self.prefix_cache.lookup(r) if self.prefix_cache is not None else (None, 0) for r in rows]
+        n, dev = len(rows), self.device
+        reused = [c for _, c in hits]
+        t = max(reused)
+        new = [list(r[c:]) for r, c in zip(rows, reused, strict=True)]
+        w = max(len(x) for x in new)
+        pad_id = self._hf_tok.pad_token_id
+        input_ids = torch.full((n, w), pad_id, dtype=torch.long)
+        mask = torch.zeros((n, t + w), dtype=torch.long)
+        for i, (x, c) in enumerate(zip(new, reused, strict=True)):
+            input_ids[i, w - len(x) :] = torch.tensor(x, dtype=torch.long)
+            mask[i, t - c : t] = 1
+            mask[i, t + w - len(x) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, t:]
+        past = DynamicCache()
+        if t > 0:
+            layers = len(next(kv for kv, _ in hits if kv is not None))
+            data = []
+            for layer in range(layers):
+                ref_k, ref_v = next(kv for kv, _ in hits if kv is not None)[layer]
+                k = ref_k.new_zeros((n, ref_k.shape[1], t, ref_k.shape[3]))
+                v = ref_v.new_zeros((n, ref_v.shape[1], t, ref_v.shape[3]))
+                for i, (kv, c) in enumerate(hits):
+                    if kv is not None and c > 0:
+                        k[i, :, t - c :] = kv[layer][0][0, :, :c]
+                        v[i, :, t - c :] = kv[layer][1][0, :, :c]
+                data.append((k, v))
+            past = DynamicCache(ddp_cache_data=data)
+        logits, cache = self._forward(input_ids.to(dev), mask.to(dev), positions.to(dev), past)
+        lengths = [len(x) for x in new]
+        return _Batch(
+            logits=logits,
+            cache=cache,
+            mask=mask.to(dev),
+            last_position=positions[:, -1].to(dev),
+            cached=t,
+            reused=reused,
+            width=w,
+            new=lengths,
+        )
+
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """float32 logits of the last position and the grown key/value cache.
+
+        In bf16 the output head rounds logits of magnitude ~10-20 to steps of 0.06-0.125, which ties labels; so,
+        for plain linear heads, the head runs in float32 on the last hidden state instead (a cached float32 copy
+        of the head; the body stays bf16)."""
+        kwargs = {"attention_mask": mask, "position_ids": positions, "past_key_values": past, "use_cache": True}
         head = self._fp32_head()
         if head is None:
             # logits_to_keep=1: only the last position's logits are computed.
-            out = self.model(**batch, position_ids=position_ids, use_cache=False, logits_to_keep=1)
-            return out.logits[:, -1, :].float()
-        hidden = self.model.base_model(**batch, position_ids=position_ids, use_cache=False).last_hidden_state
-        return torch.nn.functional.linear(hidden[:, -1, :].float(), head)
+            out = self.model(input_ids=input_ids, logits_to_keep=1, **kwargs)
+            return out.logits[:, -1, :].float(), out.past_key_values
+        out = self.model.base_model(input_ids=input_ids, **kwargs)
+        return torch.nn.functional.linear(out.last_hidden_state[:, -1, :].float(), head), out.past_key_values
 
     def _fp32_head(self) -> torch.Tensor | None:
         if not self._head_decided:
@@ -266,40 +475,46 @@ class TransformersBackend:
         max_new_tokens: int = 256,
         timeout_s: float | None = None,
     ) -> list[GenerationOutput]:
+        """Greedy decoding, one batch: rows that finish leave the batch, so the others decode at their own cost."""
         slots = validate_generate_args(prompts, controllers, max_new_tokens, timeout_s)
         if not prompts:
             return []
         eos = self._tokenizer.eos_token_id
-        batch = self._batch(prompts)
-        prompt_len = batch["input_ids"].shape[1]
-        processors = LogitsProcessorList()
-        if any(c is not None for c in slots):
-            processors.append(_ControllerProcessor(slots, prompt_len, eos))
-        deadline = _Deadline(timeout_s) if timeout_s is not None else None
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=self._hf_tok.pad_token_id,
-        )
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        constrainer = _Constrainer(eos)
+        generated: list[list[int]] = [[] for _ in prompts]
+        finish: list[FinishReason] = ["length"] * len(prompts)
         with torch.inference_mode():
-            seqs = self.model.generate(
-                **batch,
-                generation_config=config,
-                logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([deadline] if deadline else []),
-            )
-        outputs = []
-        for row in seqs[:, prompt_len:].tolist():
-            ids = row[: row.index(eos)] if eos in row else row
-            finish: FinishReason
-            if eos in row:
-                finish = "stop"
-            elif deadline is not None and deadline.fired and len(ids) < max_new_tokens:
-                finish = "timeout"
-            else:
-                finish = "length"
-            outputs.append(
-                GenerationOutput(text=self._tokenizer.decode(ids), token_ids=tuple(ids), finish_reason=finish)
-            )
-        return outputs
+            state = self._prefill([self._tokenizer.encode(p) for p in prompts])
+            logits, cache, mask, position = state.logits, state.cache, state.mask, state.last_position
+            active = list(range(len(prompts)))  # batch row j decodes prompt active[j]
+            for step in range(max_new_tokens):
+                scores = constrainer.apply(logits, [slots[r] for r in active], [generated[r] for r in active])
+                chosen = scores.argmax(dim=-1).tolist()
+                keep = []
+                for j, (r, token) in enumerate(zip(active, chosen, strict=True)):
+                    if token == eos:
+                        finish[r] = "stop"
+                    else:
+                        generated[r].append(token)
+                        keep.append(j)
+                if not keep or step == max_new_tokens - 1:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    for j in keep:
+                        finish[active[j]] = "timeout"
+                    break
+                if len(keep) < len(active):  # finished rows leave the batch
+                    index = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(index)
+                    mask, position = mask[index], position[index]
+                    active = [active[j] for j in keep]
+                    chosen = [chosen[j] for j in keep]
+                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+                position = position + 1
+                tokens = torch.tensor(chosen, dtype=torch.long, device=self.device)[:, None]
+                logits, cache = self._forward(tokens, mask, position[:, None], cache)
+        return [
+            GenerationOutput(text=self._tokenizer.decode(ids), token_ids=tuple(ids), finish_reason=why)
+            for ids, why in zip(generated, finish, strict=True)
+        ]
