@@ -51,14 +51,18 @@ bench-retrieval: $(STAMP)
 	$(BIN)/python -m eval.bench.retrieval --out eval/results/retrieval.json
 
 # The retrieval baselines, the LLM stage (score mode; reasons and generate mode on a few users), the accuracy-diversity
-# curve and the prompt A/B, on a seeded sample of 200 test users per dataset. SASRec (and the 5-signal fusion) are
-# left out here because training it takes 20+ min per dataset on shared cores; they are in the retrieval table, and
-# `--config baselines` adds them. Fusion and LLM configs here use popularity + item-kNN + BM25 + dense.
+# curve and the prompt A/B, on a seeded sample of 200 test users per dataset. Fusion and LLM configs here use
+# popularity + item-kNN + BM25 + dense; SASRec and the 5-signal fusion come in the second run below.
 EVAL_CONFIGS := --config popularity --config itemknn --config bm25 --config dense --config zeroshot-fusion \
 	--config zeroshot-llm --config eval/configs/llm-reasons.toml --config eval/configs/llm-generate.toml
+# The sequential signal in a second run on the same 200 users (same seed): SASRec alone, the 5-signal fusion, and
+# the LLM stage on it.
+SEQ_CONFIGS := --config sasrec --config fusion-5 --config llm-score-5
 bench-eval: $(STAMP)
 	$(BIN)/shoprec eval --data ml-100k $(EVAL_CONFIGS) --users 200 --curve --out eval/results/eval-ml-100k.json
 	$(BIN)/shoprec eval --data office $(EVAL_CONFIGS) --users 200 --curve --out eval/results/eval-office.json
+	$(BIN)/shoprec eval --data ml-100k $(SEQ_CONFIGS) --users 200 --out eval/results/eval-ml-100k-sequential.json
+	$(BIN)/shoprec eval --data office $(SEQ_CONFIGS) --users 200 --out eval/results/eval-office-sequential.json
 	$(BIN)/shoprec ab offline --a eval/configs/prompt-rank.toml --b eval/configs/prompt-terse.toml --data ml-100k \
 		--users 150 --out eval/results/ab-prompt-ml-100k.json
 

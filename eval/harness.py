@@ -170,6 +170,9 @@ BUILTIN["zeroshot-fusion"] = {
     "system": "fusion",
     "signals": ["popularity", "itemknn", "bm25", "dense"],
 }
+# The sequential signal's rows, named apart from the 4-signal zero-shot ones when both are in one README table.
+BUILTIN["fusion-5"] = {"name": "fusion (5 signals)", "system": "fusion"}
+BUILTIN["llm-score-5"] = {"name": "llm-score (5 signals)", "system": "llm", "reasons": False}
 BUILTIN["zeroshot-llm"] = {
     "name": "llm-score",
     "system": "llm",

@@ -27,8 +27,11 @@ def test_quick_run_with_the_fake_backend(tmp_path: Path) -> None:
     assert set(INVALID) <= set(v["invalid"]) and all(n == 0 for n in v["invalid"].values()), v["invalid"]
     assert v["fallbacks"] == 0, v["fallback_reasons"]
     lat = report["latency"]["ms"]
-    for part in ("one_pass_ranking", "reasons", "score_e2e", "generate_e2e"):
+    for part in ("one_pass_ranking", "reasons", "score_e2e", "generate_e2e", "one_pass_ranking_terse"):
         assert 0 < lat[part]["p50"] <= lat[part]["p95"]
+    assert lat["reasons_pick_prompt"]["n"] == bench.QUICK["latency_requests"]
+    tokens = report["latency"]["prompt_tokens_mean"]
+    assert 0 < tokens["rank_terse"] < tokens["rank"]
     assert report["latency"]["throughput"]["score_requests_per_s"] > 0
     conds = report["bias"]["conditions"]
     assert set(conds) == {"first_passes1", "last_passes1", "first_passes3", "last_passes3"}

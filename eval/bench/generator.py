@@ -394,16 +394,31 @@ def compare_threads(rec: Recommender, requests: Sequence[RetrievalRequest], cfg:
     return out
 
 
+def _cold(rec: Recommender) -> None:
+    """Forget the backend's cached prompts: each timed request is a new shopper (no earlier prompt to reuse)."""
+    cache = getattr(rec.backend, "prefix_cache", None)
+    if cache is not None:
+        cache.clear()
+
+
 def run_latency(rec: Recommender, requests: Sequence[RetrievalRequest], batch: int) -> dict[str, Any]:
     score_cfg = GeneratorConfig(mode="score", k=5, n_candidates=20, timeout_s=600)
+    # Variants, on the first 10 requests: the short prompt (titles only, no evidence) and the one-pick reason rows.
+    variants = {
+        "terse": score_cfg.model_copy(update={"variant": "rank_terse"}),
+        "pick": score_cfg.model_copy(update={"reason_prompt": "pick"}),
+    }
     gen_cfg = score_cfg.model_copy(update={"mode": "generate"})
-    rec.recommend(requests[0], score_cfg)  # warm-up: first calls build vocabulary tables and caches
-    rec.recommend(requests[0], gen_cfg)
+    for cfg in (score_cfg, gen_cfg, *variants.values()):  # warm-up: vocabulary tables, first-call allocations
+        rec.recommend(requests[0], cfg)
     parts: dict[str, list[float]] = {k: [] for k in ("retrieve", "one_pass_ranking", "reasons", "score_e2e")}
-    parts.update({"generate": [], "generate_e2e": [], "reasons_candidates_prompt": []})
-    shared_cfg = score_cfg.model_copy(update={"reason_prompt": "candidates"})
+    parts.update({k: [] for k in ("generate", "generate_e2e", "one_pass_ranking_terse", "score_e2e_terse")})
+    parts["reasons_pick_prompt"] = []
+    tokens: dict[str, list[int]] = {"rank": [], "rank_terse": []}
     fallbacks = 0
-    for r in tqdm(requests, desc="latency", unit="req"):
+    assert rec.backend is not None
+    for i, r in enumerate(tqdm(requests, desc="latency", unit="req")):
+        _cold(rec)
         t0 = time.perf_counter()
         out = rec.recommend(r, score_cfg)
         parts["score_e2e"].append(_ms_since(t0))
@@ -411,20 +426,32 @@ def run_latency(rec: Recommender, requests: Sequence[RetrievalRequest], batch: i
         parts["retrieve"].append(out.timings_ms.get("retrieve", math.nan))
         parts["one_pass_ranking"].append(out.timings_ms.get("score", math.nan))
         parts["reasons"].append(out.timings_ms.get("reasons", math.nan))
+        _cold(rec)
         t0 = time.perf_counter()
         out = rec.recommend(r, gen_cfg)
         parts["generate_e2e"].append(_ms_since(t0))
         fallbacks += out.fallback
         parts["generate"].append(out.timings_ms.get("generate", math.nan))
-        if len(parts["reasons_candidates_prompt"]) < 10:  # the reason rows reading the full ranking prompt
-            out = rec.recommend(r, shared_cfg)
-            fallbacks += out.fallback
-            parts["reasons_candidates_prompt"].append(out.timings_ms.get("reasons", math.nan))
+        if i < 10:
+            for name, cfg in variants.items():
+                _cold(rec)
+                t0 = time.perf_counter()
+                out = rec.recommend(r, cfg)
+                fallbacks += out.fallback
+                if name == "terse":
+                    parts["score_e2e_terse"].append(_ms_since(t0))
+                    parts["one_pass_ranking_terse"].append(out.timings_ms.get("score", math.nan))
+                else:
+                    parts["reasons_pick_prompt"].append(out.timings_ms.get("reasons", math.nan))
+            for variant in tokens:
+                prompt = rec.prepare(r, score_cfg.model_copy(update={"variant": variant})).prompt
+                tokens[variant].append(len(rec.backend.tokenizer.encode(prompt)))
     throughput: dict[str, Any] = {"batch": batch}
     for name, cfg in (("score", score_cfg), ("generate", gen_cfg)):
         rates = []
         for start in range(0, max(len(requests) - batch + 1, 1), batch):
             chunk = list(requests[start : start + batch])
+            _cold(rec)
             t0 = time.perf_counter()
             outs = rec.recommend_batch(chunk, cfg)
             rates.append(len(chunk) * 1000 / _ms_since(t0))
@@ -432,12 +459,14 @@ def run_latency(rec: Recommender, requests: Sequence[RetrievalRequest], batch: i
         throughput[f"{name}_requests_per_s"] = round(float(np.median(rates)), 3)
         throughput[f"{name}_batches"] = len(rates)
     return {
-        "setup": "demo catalog, 20 candidates, k=5, default config (max_per_category=2, MMR 0.3), one request at a "
-        "time after one warm-up; throughput: recommend_batch of `batch` requests, median over batches; "
-        "reasons_candidates_prompt: the reason rows reading the full ranking prompt (reason_prompt='candidates'), "
-        "first 10 requests",
+        "setup": "demo catalog, 20 candidates, k=5, default config (max_per_category=2, MMR 0.3, reason rows reading "
+        "the ranking prompt through the prefix cache), one request at a time after warm-up, the prompt cache "
+        "emptied before each (every request a new shopper); *_terse: the rank_terse prompt; reasons_pick_prompt: "
+        "one-pick reason rows (reason_prompt='pick'); variants on the first 10 requests; throughput: "
+        "recommend_batch of `batch` requests, median over batches",
         "max_reason_tokens": score_cfg.max_reason_tokens,
         "reason_prompt": score_cfg.reason_prompt,
+        "prompt_tokens_mean": {k: round(float(np.mean(v)), 1) for k, v in tokens.items() if v},
         "ms": {k: _stats([x for x in v if math.isfinite(x)]) for k, v in parts.items()},
         "raw_ms": {k: [round(x, 1) for x in v] for k, v in parts.items()},
         "throughput": throughput,
