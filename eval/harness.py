@@ -299,7 +299,7 @@ def prepare(
         raise ValueError(f"dataset {dataset!r} has no items or no events. Fix: check the folder's files.")
     catalog = Catalog(items)
     hist = histories(interactions)
-    sp = make_split(split, hist)
+    sp = make_split(split, hist, seed=seed)
     cases = sample_users(sp.test, users, seed)
     if not cases:
         raise ValueError(f"dataset {dataset!r}: no user has enough events to evaluate under the {split!r} split.")

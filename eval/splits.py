@@ -6,6 +6,9 @@ Splits (each returns train histories, validation cases and test cases; a model t
   stay in training only (they are never evaluated).
 - temporal: one global time cut-off; what happened before it is known, each user's first event after it is the
   test target (see `temporal_split`). Closer to deployment: no user's future leaks into another user's training.
+- cold-items: every interaction with a seeded 10% of the items is held out, so those items are in the catalog but
+  no model has seen anyone use them (new products); test users are those whose last event is one of them
+  (see `cold_item_split`). Where text should matter: only content signals (BM25, dense, the LLM) can find them.
 
 Candidate protocols (what a system ranks for a test case), named in `PROTOCOLS`:
 - ``full``: every catalog item except the user's history (LlamaRec's "ranking against all items");
@@ -27,7 +30,7 @@ import numpy as np
 from retrieval.types import Interaction
 
 PROTOCOLS = ("full", "sampled", "retrieved")
-SPLITS = ("loo", "temporal")
+SPLITS = ("loo", "temporal", "cold-items")
 
 
 @dataclass(frozen=True)
@@ -115,12 +118,41 @@ def temporal_split(
     return Split(train=train, valid=valid, test=test)
 
 
-def make_split(name: str, histories: Mapping[str, Sequence[Interaction]]) -> Split:
-    """The split called `name` ('loo' or 'temporal'); ValueError naming the valid ones otherwise."""
+def cold_item_split(
+    histories: Mapping[str, Sequence[Interaction]], *, fraction: float = 0.1, seed: int = 0, min_events: int = 3
+) -> Split:
+    """Hold out ALL interactions of a seeded `fraction` of the items; test on users whose last event is one of them.
+
+    Cold items: `fraction` of the distinct items that occur in `histories`, drawn by `seed` from their sorted ids.
+    Train and validation are leave-one-out over the warm events only (cold events removed from every history), so
+    no model, retriever or fusion weight has seen a cold item used. Test case per user whose last event is a cold
+    item: the history is the user's warm events before it (what a shop knows), the target is that cold item.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    items = sorted({e.item_id for evs in histories.values() for e in evs})
+    n_cold = max(1, round(fraction * len(items))) if items else 0
+    cold = {items[i] for i in np.random.default_rng(seed).choice(len(items), size=n_cold, replace=False)}
+    warm = {u: [e for e in evs if e.item_id not in cold] for u, evs in histories.items()}
+    base = leave_one_out(warm, min_events=min_events)
+    test = []
+    for user in sorted(histories):
+        evs = list(histories[user])
+        if evs and evs[-1].item_id in cold:
+            history = tuple(e.item_id for e in evs[:-1] if e.item_id not in cold)
+            if history:
+                test.append(Case(user, history, evs[-1].item_id))
+    return Split(train=base.train, valid=base.valid, test=test)
+
+
+def make_split(name: str, histories: Mapping[str, Sequence[Interaction]], seed: int = 0) -> Split:
+    """The split called `name` (one of SPLITS); ValueError naming the valid ones otherwise."""
     if name == "loo":
         return leave_one_out(histories)
     if name == "temporal":
         return temporal_split(histories)
+    if name == "cold-items":
+        return cold_item_split(histories, seed=seed)
     raise ValueError(f"unknown split {name!r}; valid splits: {', '.join(SPLITS)}")
 
 

@@ -48,7 +48,11 @@ def eval_command(
         "llm-score-reasons, llm-generate) or a suite (baselines, zeroshot). Repeatable.",
     ),
     users: int | None = typer.Option(None, "--users", min=1, help="Evaluate a seeded sample of N test users."),
-    split: str = typer.Option("loo", "--split", help="loo (leave-one-out) | temporal (global time cut-off)."),
+    split: str = typer.Option(
+        "loo",
+        "--split",
+        help="loo (leave-one-out) | temporal (global time cut-off) | cold-items (10% of items never seen in training).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the user sample, negatives, bootstrap."),
     curve: bool = typer.Option(False, "--curve", help="Also sweep diversity settings: the accuracy-diversity curve."),
     adapter: Path | None = typer.Option(
@@ -106,7 +110,7 @@ def ab_offline(
     data: str = typer.Option("demo", "--data", help="'demo', ml-100k, office or a dataset folder."),
     users: int | None = typer.Option(200, "--users", min=2, help="Seeded sample of N test users (both configs)."),
     protocol: str = typer.Option("full", "--protocol", help="full | sampled | retrieved."),
-    split: str = typer.Option("loo", "--split", help="loo | temporal."),
+    split: str = typer.Option("loo", "--split", help="loo | temporal | cold-items."),
     metric: list[str] = typer.Option(
         ["ndcg@10", "recall@10", "coverage@5"], "--metric", help="Metrics to compare (the first gives the verdict)."
     ),

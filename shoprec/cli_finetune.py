@@ -69,6 +69,10 @@ def register(app: typer.Typer, friendly: Callable[[Any], Any]) -> None:
             "popularity,itemknn,bm25,dense,sasrec", "--signals", help="Retrieval signals for the candidates."
         ),
         sasrec_epochs: int = typer.Option(30, "--sasrec-epochs", help="SASRec epoch cap."),
+        max_per_category: int = typer.Option(
+            2, "--max-per-category", help="Category cap of the ranked answers (0: none, for shops with few categories)."
+        ),
+        category_level: int = typer.Option(1, "--category-level", help="Category path level of the cap."),
         reason_check: int = typer.Option(20, "--reason-check", help="Validation requests whose reasons are checked."),
         checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Default var/checkpoints/<out>."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of an interrupted run."),
@@ -79,6 +83,8 @@ def register(app: typer.Typer, friendly: Callable[[Any], Any]) -> None:
         """Fine-tune the generator's LLM with LoRA on a dataset's logs; write a PEFT adapter + manifest.json."""
         from finetune.run import DataOptions, run
         from finetune.train import TrainConfig
+        from generator.constraints import CategoryConstraint
+        from generator.recommender import GeneratorConfig
 
         _check_out_of_repo(data, out)
         try:
@@ -113,11 +119,24 @@ def register(app: typer.Typer, friendly: Callable[[Any], Any]) -> None:
                 seed=seed,
                 progress=not as_json,
             )
+            # the one-pick reason rows: see finetune.run (training cost); serving renders what the manifest records
+            generator = GeneratorConfig(
+                reason_prompt="pick",
+                constraint=CategoryConstraint(max_per_category=max_per_category or None, level=category_level),
+            )
         except ValueError as e:
             raise ValueError(f"bad finetune flags: {_first_error(e)}") from None
         log: Callable[[str], None] = (lambda m: print(m, file=sys.stderr)) if as_json else print
         manifest = run(
-            opts, cfg, out, base_model=base_model, checkpoint_dir=checkpoint_dir, resume=resume, merged=merged, log=log
+            opts,
+            cfg,
+            out,
+            generator=generator,
+            base_model=base_model,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            merged=merged,
+            log=log,
         )
         if as_json:
             sys.stdout.write(json.dumps(manifest, indent=2) + "\n")

@@ -68,3 +68,25 @@ def test_sampled_candidates_are_seeded_per_user_and_exclude_the_history():
     other = Case("u8", (), "i0")
     assert sample_users([case, other], 1, seed=0) in ([case], [other])
     assert sample_users([case, other], None, seed=0) == [case, other]
+
+
+def test_cold_item_split_hides_every_event_of_the_cold_items():
+    from eval.splits import cold_item_split
+
+    evs = []
+    for u in range(40):  # 40 users over 50 items; each ends on a different item
+        evs += [_ev(f"u{u:02d}", f"i{(u + k) % 50:02d}", 10 * u + k) for k in range(6)]
+    hist = histories(evs)
+    split = cold_item_split(hist, fraction=0.1, seed=3)
+    seen = {e.item_id for es in split.train.values() for e in es} | {c.target for c in split.valid}
+    seen |= {i for c in split.valid for i in c.history}
+    cold = {c.target for c in split.test}
+    assert split.test and not cold & seen  # no model sees a cold item used, not even in validation
+    for c in split.test:
+        assert hist[c.user_id][-1].item_id == c.target and not set(c.history) & cold
+    all_items = {e.item_id for e in evs}
+    n_cold = len(all_items - seen - {i for c in split.test for i in c.history})
+    assert n_cold == 5  # 10% of 50
+    assert cold_item_split(hist, fraction=0.1, seed=3) == split  # deterministic by seed
+    assert cold_item_split(hist, fraction=0.1, seed=4) != split
+    assert make_split("cold-items", hist, seed=3) == split
