@@ -87,6 +87,8 @@ finetune-demo: $(STAMP)
 FINETUNE_WORK ?= /work/var/finetune
 bench-finetune: $(STAMP)
 	$(BIN)/python -m eval.bench.finetune --data ml-100k --work $(FINETUNE_WORK) --out eval/results/finetune-ml-100k.json
+	$(BIN)/python -m eval.bench.finetune --data office --work $(FINETUNE_WORK) --out eval/results/finetune-office.json
+	$(BIN)/python -m eval.bench.report
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -4,9 +4,14 @@ fitted on validation — NDCG@10 and Recall@10 with 95% bootstrap CIs, through `
 
     python -m eval.bench.finetune --data ml-100k --work /work/var/finetune --out eval/results/finetune-ml-100k.json
 
+Where text should matter, measured the same way (`--parts`): the cold-items split (every event of 10% of the items
+held out; users whose next item is one of them), the pipeline against the retrieval order; and LLMRank's protocol
+(the target + 19 random items), the tuned LLM against SASRec on the same candidates.
+
 The adapter and the generated eval configs go to `--work` (outside the repository for research-licensed data);
 the results JSON (metrics only) goes to `--out`, with the adapter's manifest (training curve, fitted weight,
-timings) folded in. `make bench-finetune` runs it on ml-100k.
+timings) folded in; parts not run now are kept from an earlier run. `make bench-finetune` runs it on ml-100k and
+Office.
 """
 
 from __future__ import annotations
@@ -18,14 +23,21 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 SIGNALS = ("popularity", "itemknn", "bm25", "dense")  # the eval configs' fusion (SASRec is left to the retrieval bench)
 
 
 def _config(
-    path: Path, name: str, system: str, *, adapter: Path | None = None, llm_weight: float | None = None
+    path: Path,
+    name: str,
+    system: str,
+    *,
+    adapter: Path | None = None,
+    llm_weight: float | None = None,
+    signals: Sequence[str] = SIGNALS,
 ) -> Path:
-    lines = [f'name = "{name}"', f'system = "{system}"', f"signals = {json.dumps(list(SIGNALS))}"]
+    lines = [f'name = "{name}"', f'system = "{system}"', f"signals = {json.dumps(list(signals))}"]
     if system == "llm":
         lines.append("reasons = false")
         if adapter is not None:
@@ -35,59 +47,90 @@ def _config(
     return path
 
 
+PARTS = ("main", "cold", "llmrank")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="ml-100k")
     ap.add_argument("--work", type=Path, required=True, help="Adapter and configs (outside the repo).")
-    ap.add_argument("--out", type=Path, required=True, help="Results JSON.")
+    ap.add_argument("--out", type=Path, required=True, help="Results JSON (parts not run now are kept).")
     ap.add_argument("--users", type=int, default=200, help="Test users evaluated (seeded sample).")
     ap.add_argument("--skip-train", action="store_true", help="Reuse the adapter already in --work.")
     ap.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="main: leave-one-out test users, full ranking; cold: the cold-items split (pipeline vs retrieval "
+        "order on users whose next item no model saw used); llmrank: LLMRank's protocol (target + 19 random "
+        "items), the tuned LLM vs SASRec on the same candidates.",
+    )
+    ap.add_argument(
         "--finetune-args",
         default="--rank 8 --alpha 16 --dropout 0 --lr 5e-4 --positions 2 --rank-examples 600 --reasons-per-case 1 "
-        "--valid-cases 150 --eval-every 40 --patience 3 --reason-check 10 --threads 1 --signals " + ",".join(SIGNALS),
+        "--valid-cases 100 --eval-every 40 --patience 3 --reason-check 10 --threads 1 --max-per-category 0 "
+        "--signals " + ",".join(SIGNALS),
         help="Flags passed to `shoprec finetune`.",
     )
     args = ap.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    if set(parts) - set(PARTS):
+        raise SystemExit(f"unknown parts {sorted(set(parts) - set(PARTS))}; valid: {', '.join(PARTS)}")
     # `python -m shoprec.cli` (not the console script) so a run from an exported copy uses that copy's code.
     shoprec = [sys.executable, "-m", "shoprec.cli"]
     work = args.work / args.data
     adapter = work / "adapter"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    result: dict[str, Any] = {}
+    if args.out.exists():
+        result = json.loads(args.out.read_text(encoding="utf-8"))
     if not args.skip_train:
         cmd = [*shoprec, "finetune", "--data", args.data, "--out", str(adapter), *args.finetune_args.split()]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-    train_s = time.perf_counter() - t0
+        result["train_seconds"] = round(time.perf_counter() - t0, 1)
     manifest = json.loads((adapter / "manifest.json").read_text(encoding="utf-8"))
     w = float(manifest["fusion"]["llm_weight"])
-    configs = [
-        _config(work / "retrieval.toml", "retrieval order", "fusion"),
-        _config(work / "untuned.toml", "untuned LLM", "llm", llm_weight=1.0),
-        _config(work / "tuned.toml", "tuned LLM alone", "llm", adapter=adapter, llm_weight=1.0),
-        _config(work / "fused.toml", f"tuned LLM + fusion (w={w:g})", "llm", adapter=adapter, llm_weight=w),
-    ]
-    eval_json = work / "eval.json"
-    cmd = [*shoprec, "eval", "--data", args.data, "--users", str(args.users), "--out", str(eval_json)]
-    for c in configs:
-        cmd += ["--config", str(c)]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    result = {
-        "dataset": args.data,
-        "protocol": "leave-one-out test users, full ranking, history excluded; LLM re-ranks the fused top-20",
-        "eval": json.loads(eval_json.read_text(encoding="utf-8")),
-        "adapter_manifest": {k: manifest[k] for k in ("peft", "train_config", "fusion", "validation", "reasons")},
-        "curve": json.loads((adapter / "validation_curve.json").read_text(encoding="utf-8")),
-        "train_seconds": round(train_s, 1),
-        "total_seconds": round(time.perf_counter() - t0, 1),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(args.out)
+
+    def evaluate(key: str, configs: list[Path], *extra: str) -> None:
+        out = work / f"{key}.json"
+        cmd = [*shoprec, "eval", "--data", args.data, "--users", str(args.users), "--out", str(out), *extra]
+        for c in configs:
+            cmd += ["--config", str(c)]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        result[key] = json.loads(out.read_text(encoding="utf-8"))
+        _write(args.out, result)
+
+    result.update(
+        {
+            "dataset": args.data,
+            "adapter_manifest": {k: manifest[k] for k in ("peft", "train_config", "fusion", "validation", "reasons")},
+            "curve": json.loads((adapter / "validation_curve.json").read_text(encoding="utf-8")),
+        }
+    )
+    retrieval = _config(work / "retrieval.toml", "retrieval order", "fusion")
+    untuned = _config(work / "untuned.toml", "untuned LLM", "llm", llm_weight=1.0)
+    tuned = _config(work / "tuned.toml", "tuned LLM alone", "llm", adapter=adapter, llm_weight=1.0)
+    fused = _config(work / "fused.toml", f"tuned LLM + fusion (w={w:g})", "llm", adapter=adapter, llm_weight=w)
+    if "main" in parts:
+        result["protocol"] = "leave-one-out test users, full ranking, history excluded; LLM re-ranks the fused top-20"
+        evaluate("eval", [retrieval, untuned, tuned, fused])
+    if "cold" in parts:  # the pipeline as served (tuned + fitted blend) against the retrieval order it re-ranks
+        evaluate("cold_items", [retrieval, fused, tuned], "--split", "cold-items")
+    if "llmrank" in parts:  # the same 20 candidates for both: the target and 19 random items the user never touched
+        sasrec = _config(work / "sasrec.toml", "SASRec", "sasrec")
+        evaluate("llmrank", [sasrec, untuned, tuned], "--protocol", "sampled")
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    _write(args.out, result)
     print(f"results in {args.out}")
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

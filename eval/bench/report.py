@@ -97,6 +97,44 @@ def eval_table(results: Path = RESULTS) -> str | None:
     return table
 
 
+def finetune_table(results: Path = RESULTS) -> str | None:
+    """Per fine-tuning run (eval/bench/finetune.py): training, then each protocol's rows with 95% CIs."""
+    files = sorted(results.glob("finetune-*.json"), key=lambda p: (p.stem != "finetune-ml-100k", p.stem))
+    if not files:
+        return None
+    out: list[str] = []
+    titles = {
+        "eval": "leave-one-out test users, full ranking",
+        "cold_items": "cold items: users whose next item no model saw used (10% of items held out)",
+        "llmrank": "LLMRank's protocol: the target + 19 random items, the same candidates for every system",
+    }
+    for path in files:
+        r = json.loads(path.read_text(encoding="utf-8"))
+        m = r["adapter_manifest"]
+        v = m["validation"]["best"]
+        reasons = m.get("reasons", {})
+        out.append(
+            f"**{r['dataset']}** — LoRA r={m['peft']['rank']} on {m['peft']['target_modules']}, lr "
+            f"{m['train_config']['lr']}; {r.get('train_seconds', '?')} s of training and validation on this box; "
+            f"validation NDCG@10 retrieval {v['retrieval']['ndcg@10'][0]:.4f}, tuned LLM {v['llm']['ndcg@10'][0]:.4f}, "
+            f"fitted blend weight {m['fusion']['llm_weight']:g}; reasons citing confirmed evidence: "
+            f"{reasons.get('confirmed', '?')}/{reasons.get('checked', '?')}."
+        )
+        out.append("")
+        for key, title in titles.items():
+            run = r.get(key)
+            if not run:
+                continue
+            out.append(f"*{title}* ({run['test_users']} users)")
+            out.append("")
+            out.append("| system | NDCG@10 | Recall@10 |")
+            out.append("|---|---|---|")
+            for name, s in run["systems"].items():
+                out.append(f"| {name} | {_ci(s['metrics']['ndcg@10'])} | {_ci(s['metrics']['recall@10'])} |")
+            out.append("")
+    return "\n".join(out)
+
+
 def generator_table(r: dict[str, Any]) -> str:
     """Validity counts, position bias and latency of eval/bench/generator.py, whichever sections were run."""
     out: list[str] = []
@@ -208,11 +246,12 @@ def update_readme(readme: Path = ROOT / "README.md", results: Path = RESULTS) ->
         table = render(json.loads(path.read_text(encoding="utf-8")))
         text = pattern.sub(functools.partial(_splice, table=table), text)
         done.append(name)
-    pattern = re.compile(r"(<!-- results:eval -->\n)(.*?)(<!-- /results:eval -->)", re.S)
-    eval_md = eval_table(results) if pattern.search(text) else None
-    if eval_md is not None:
-        text = pattern.sub(functools.partial(_splice, table=eval_md), text)
-        done.append("eval")
+    for name, make in (("eval", eval_table), ("finetune", finetune_table)):
+        pattern = re.compile(rf"(<!-- results:{name} -->\n)(.*?)(<!-- /results:{name} -->)", re.S)
+        md = make(results) if pattern.search(text) else None
+        if md is not None:
+            text = pattern.sub(functools.partial(_splice, table=md), text)
+            done.append(name)
     tmp = readme.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, readme)
