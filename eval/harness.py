@@ -22,6 +22,7 @@ metrics; under ``full`` a retriever's list is its exact top k, so its NDCG@10 eq
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -116,6 +117,13 @@ class EvalConfig(BaseModel):
         description="Item similarity of MMR/DPP: cosine of the dense embeddings, or 1 for the same category.",
     )
     backend: Literal["transformers", "fake"] = Field(default="transformers", description="LLM backend.")
+    new_item_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=0.5,
+        description="Fusion and LLM stage: share of the fused list reserved for new items (no interaction in "
+        "training), best content match first (retrieval.fusion.FusionConfig.new_item_share).",
+    )
     model: str | None = Field(default=None, description="LLM model (default: the embedded SmolLM2-135M).")
     adapter: str | None = Field(default=None, description="A LoRA adapter folder (the 'tuned' LLM stage).")
     batch_size: int = Field(default=8, ge=1, description="LLM requests per batch.")
@@ -389,6 +397,11 @@ class _Memo:
     def retrieve(self, request: RetrievalRequest, k: int) -> list[Candidate]:
         return list(self.inner.retrieve(request, k))
 
+    def __getattr__(self, name: str) -> Any:  # the rest of the signal (e.g. popularity's counts) as is
+        if name == "inner":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
 
 def _fit_fusion(catalog: Catalog, retrievers: Sequence[Any], cases: Sequence[Case]) -> Any:
     """A FusionRetriever whose user-mode rule and weights are fitted on validation cases (hand defaults if < 30)."""
@@ -455,12 +468,18 @@ def protocol_candidates(prep: Prepared, protocol: str, seed: int, n: int) -> dic
     }
 
 
-def _fusion_for(prep: Prepared, signals: tuple[str, ...]) -> Any:
+def _fusion_for(prep: Prepared, signals: tuple[str, ...], new_item_share: float = 0.0) -> Any:
     if signals not in prep.fusion:
         prep.fusion[signals] = _fit_fusion(
             prep.catalog, [prep.retrievers[s] for s in signals], sample_users(prep.split.valid[1::2], 1000, 0)
         )
-    return prep.fusion[signals]
+    fitted = prep.fusion[signals]
+    if not new_item_share:
+        return fitted
+    from retrieval.fusion import FusionRetriever
+
+    config = dataclasses.replace(fitted.config, new_item_share=new_item_share)  # the same fitted weights
+    return FusionRetriever(prep.catalog, list(fitted.retrievers.values()), config)
 
 
 def _request(case: Case) -> RetrievalRequest:
@@ -556,7 +575,11 @@ def run_retriever(
     from retrieval.base import top_k
 
     gcfg = cfg.generator_config()
-    scorer = _fusion_for(prep, tuple(cfg.signals)) if cfg.system == "fusion" else prep.retrievers[cfg.system]
+    scorer = (
+        _fusion_for(prep, tuple(cfg.signals), cfg.new_item_share)
+        if cfg.system == "fusion"
+        else prep.retrievers[cfg.system]
+    )
     depth = max(gcfg.n_candidates, gcfg.k)
     c = gcfg.constraint
     if c is not None and (c.max_per_category is not None or c.min_categories is not None):
@@ -571,13 +594,18 @@ def run_retriever(
             keep = np.zeros(len(prep.catalog), dtype=bool)
             keep[prep.catalog.rows(cand)] = True
             mask &= keep
-        scores = scorer.score(request)
-        if scores is None:  # the signal does not apply (e.g. BM25 with nothing to match): an empty list
-            rows = np.empty(0, dtype=np.int64)
+        if cfg.new_item_share and candidates is None:  # the fused list with its new-item places, as served
+            got = scorer.retrieve(request, depth)
+            ids = [c.item_id for c in got]
+            rel = np.asarray([c.score for c in got], dtype=np.float64)
         else:
-            rows = top_k(scores, depth, mask)
-        ids = [prep.catalog.items[r].id for r in rows]
-        rel = np.asarray(scores[rows], dtype=np.float64) if scores is not None else np.empty(0)
+            scores = scorer.score(request)
+            if scores is None:  # the signal does not apply (e.g. BM25 with nothing to match): an empty list
+                rows = np.empty(0, dtype=np.int64)
+            else:
+                rows = top_k(scores, depth, mask)
+            ids = [prep.catalog.items[r].id for r in rows]
+            rel = np.asarray(scores[rows], dtype=np.float64) if scores is not None else np.empty(0)
         items, infeasible = _rerank(cfg, gcfg, prep, ids, rel, np.random.default_rng([seed, len(out)]))
         out.append(
             CaseOutput(
@@ -648,7 +676,7 @@ def run_llm(
     from generator.constraints import check_picks
 
     gcfg = cfg.generator_config()
-    fusion = _fusion_for(prep, tuple(cfg.signals))
+    fusion = _fusion_for(prep, tuple(cfg.signals), cfg.new_item_share)
     lists: dict[str, list[Candidate]] = {}
     for case in cases:
         request = _request(case)

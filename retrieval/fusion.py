@@ -24,6 +24,7 @@ from retrieval.catalog import Catalog
 from retrieval.types import Candidate, RetrievalRequest, SignalEvidence
 
 MODES = ("user", "query", "cart")
+CONTENT_SIGNALS = ("bm25", "dense")  # the signals that can score an item nobody has used yet
 FUSION_METHODS = ("rrf", "minmax")
 
 # Hand-set defaults, used until weights are fitted on validation data: behaviour signals lead for
@@ -44,6 +45,10 @@ class FusionConfig:
     rrf_k: float = 60.0  # the classic RRF constant; fitted together with the weights when data is available
     depth: int = 200  # how deep each signal's own list is read
     method: str = "rrf"  # "rrf" or "minmax" (see the module docstring); fitted together with the weights
+    # Share of each retrieved list reserved for NEW items (no interaction yet), best content match first. Fitted
+    # weights come from items with a past, so behaviour signals dominate and a new product never surfaces: this
+    # is the exploration slot that lets it reach the LLM stage (measured on the cold-items split, eval/splits.py).
+    new_item_share: float = 0.0
 
     def __post_init__(self) -> None:
         for mode, ws in self.weights.items():
@@ -58,9 +63,17 @@ class FusionConfig:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
         if self.method not in FUSION_METHODS:
             raise ValueError(f"fusion method must be one of {', '.join(FUSION_METHODS)}, got {self.method!r}")
+        if not 0 <= self.new_item_share <= 0.5:
+            raise ValueError(f"new_item_share must be in [0, 0.5], got {self.new_item_share}")
 
     def to_dict(self) -> dict[str, object]:
-        return {"weights": self.weights, "rrf_k": self.rrf_k, "depth": self.depth, "method": self.method}
+        return {
+            "weights": self.weights,
+            "rrf_k": self.rrf_k,
+            "depth": self.depth,
+            "method": self.method,
+            "new_item_share": self.new_item_share,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> FusionConfig:
@@ -69,6 +82,7 @@ class FusionConfig:
             rrf_k=float(d.get("rrf_k", 60.0)),  # type: ignore[arg-type]
             depth=int(d.get("depth", 200)),  # type: ignore[call-overload]
             method=str(d.get("method", "rrf")),
+            new_item_share=float(d.get("new_item_share", 0.0)),  # type: ignore[arg-type]
         )
 
 
@@ -130,14 +144,54 @@ class FusionRetriever:
         if fused is None:
             return []
         rows = top_k(fused, k)
+        slots = round(self.config.new_item_share * k)
+        new_lists: SignalLists = {}
+        if slots:  # the last `slots` places go to the best new items not already in the list
+            new_lists, new_fused = self._new_items(request, exclude=rows[: k - slots])
+            new_rows = top_k(new_fused, slots) if new_fused is not None else rows[:0]
+            if len(new_rows):
+                keep = rows[: k - len(new_rows)]
+                fused = fused.copy()
+                # below every kept item: a new item is offered to the next stage, never promoted over the list
+                floor = float(fused[keep].min()) if len(keep) else 0.0
+                fused[new_rows] = floor - 1e-9 * (1 + np.arange(len(new_rows)))
+                rows = np.concatenate([keep, new_rows])
         evidence: dict[int, dict[str, SignalEvidence]] = {int(r): {} for r in rows}
-        for name, (srows, sscores) in lists.items():
-            for rank, (r, s) in enumerate(zip(srows, sscores, strict=True), start=1):
-                if int(r) in evidence:
-                    evidence[int(r)][name] = SignalEvidence(rank=rank, score=float(s))
+        for source in (lists, new_lists):  # a new item's ranks are among the new items
+            for name, (srows, sscores) in source.items():
+                for rank, (r, s) in enumerate(zip(srows, sscores, strict=True), start=1):
+                    if int(r) in evidence and name not in evidence[int(r)]:
+                        evidence[int(r)][name] = SignalEvidence(rank=rank, score=float(s))
         return [
             Candidate(item_id=self.catalog.items[r].id, score=float(fused[r]), sources=evidence[int(r)]) for r in rows
         ]
+
+    def new_item_mask(self) -> np.ndarray | None:
+        """Rows with no interaction in the behaviour data (popularity count 0); None without a popularity signal."""
+        counts = getattr(self.retrievers.get("popularity"), "counts", None)
+        return None if counts is None else np.asarray(counts) <= 0
+
+    def _new_items(self, request: RetrievalRequest, exclude: np.ndarray) -> tuple[SignalLists, np.ndarray | None]:
+        """The content signals' lists over new items only, and their equal-weight RRF fusion."""
+        new = self.new_item_mask()
+        if new is None:
+            return {}, None
+        mask = self.catalog.mask(request.filters, request.history) & new
+        if request.cart:
+            mask[self.catalog.rows(request.cart)] = False
+        mask[exclude] = False
+        lists: SignalLists = {}
+        for name in CONTENT_SIGNALS:
+            retriever = self.retrievers.get(name)
+            scores = retriever.score(request) if retriever is not None and mask.any() else None
+            if scores is None:
+                continue
+            rows = top_k(scores, self.config.depth, mask)
+            if len(rows):
+                lists[name] = (rows, scores[rows])
+        if not lists:
+            return {}, None
+        return lists, fuse_lists(lists, dict.fromkeys(lists, 1.0), self.config.rrf_k, len(self.catalog), "rrf")
 
 
 def fuse_lists(

@@ -179,3 +179,21 @@ def test_zero_shot_on_an_lcrec_folder_by_path_alone(tmp_path, small_shop):
     assert res["dataset"] == str(d) and all(s["metrics"]["ndcg@10"] is not None for s in res["systems"].values())
     assert "sasrec" not in " ".join(SUITES["zeroshot"])  # day one: no sequential model to train
     assert all(EvalConfig(**{"system": "llm"}).adapter is None for _ in [0])  # untuned unless an adapter is named
+
+
+def test_cold_item_split_and_new_item_places(shop_dir, configs):
+    """On users whose next item nobody used yet, behaviour signals cannot find it; the new-item places of the
+    fused list hand the best content matches to the LLM stage, which is then the only way to reach them."""
+    cfgs = load_configs([configs["fusion"], configs["llm"]])
+    prep = prepare(str(shop_dir), cfgs, split="cold-items", seed=0)
+    assert prep.cases and all(c.target not in c.history for c in prep.cases)
+    plain, fresh = (EvalConfig(name=f"f{s}", system="fusion", signals=CHEAP, new_item_share=s) for s in (0.0, 0.25))
+    from eval.harness import _fusion_for, _request
+
+    def reached(share: float) -> int:
+        fusion = _fusion_for(prep, tuple(CHEAP), share)
+        return sum(c.target in {x.item_id for x in fusion.retrieve(_request(c), 20)} for c in prep.cases)
+
+    assert reached(0.25) > reached(0.0)
+    result = evaluate(prep, [plain, fresh, cfgs[1]])
+    assert set(result["systems"]) == {"f0.0", "f0.25", "llm"} and result["split"] == "cold-items"
