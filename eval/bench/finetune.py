@@ -36,8 +36,11 @@ def _config(
     adapter: Path | None = None,
     llm_weight: float | None = None,
     signals: Sequence[str] = SIGNALS,
+    new_item_share: float = 0.0,
 ) -> Path:
     lines = [f'name = "{name}"', f'system = "{system}"', f"signals = {json.dumps(list(signals))}"]
+    if new_item_share:
+        lines.append(f"new_item_share = {new_item_share}")
     if system == "llm":
         lines.append("reasons = false")
         if adapter is not None:
@@ -116,8 +119,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "main" in parts:
         result["protocol"] = "leave-one-out test users, full ranking, history excluded; LLM re-ranks the fused top-20"
         evaluate("eval", [retrieval, untuned, tuned, fused])
-    if "cold" in parts:  # the pipeline as served (tuned + fitted blend) against the retrieval order it re-ranks
-        evaluate("cold_items", [retrieval, fused, tuned], "--split", "cold-items")
+    if "cold" in parts:  # the pipeline as served (tuned + fitted blend) against the retrieval order it re-ranks,
+        # without and with the fused list's new-item places (2 of the 20 candidates)
+        share = 0.1
+        fresh = [
+            _config(work / "retrieval-new.toml", "retrieval order + new-item places", "fusion", new_item_share=share),
+            _config(
+                work / "fused-new.toml",
+                f"tuned LLM + fusion (w={w:g}) + new-item places",
+                "llm",
+                adapter=adapter,
+                llm_weight=w,
+                new_item_share=share,
+            ),
+            _config(
+                work / "tuned-new.toml",
+                "tuned LLM alone + new-item places",
+                "llm",
+                adapter=adapter,
+                llm_weight=1.0,
+                new_item_share=share,
+            ),
+        ]
+        evaluate("cold_items", [retrieval, fused, *fresh], "--split", "cold-items")
     if "llmrank" in parts:  # the same 20 candidates for both: the target and 19 random items the user never touched
         sasrec = _config(work / "sasrec.toml", "SASRec", "sasrec")
         evaluate("llmrank", [sasrec, untuned, tuned], "--protocol", "sampled")
