@@ -294,6 +294,56 @@ def test_two_step_run_on_the_demo_catalog_saves_and_reloads(small_shop, split, t
     np.testing.assert_allclose(again, here, atol=1e-4)
 
 
+def test_an_interrupted_run_resumes_to_the_same_weights(small_shop, split, tmp_path, monkeypatch):
+    """Killed after step 2 of 4, `resume=True` continues from the checkpoint and ends where an uninterrupted run
+    ends (same batches, same optimiser and schedule state)."""
+    import torch
+
+    import finetune.train as train_mod
+    from finetune.train import TrainConfig, load_trainable, prepare_validation, train
+    from generator.backends.transformers_backend import TransformersBackend
+    from generator.model import ModelSpec, resolve_model_path
+
+    cfg = TrainConfig(
+        max_steps=4, batch_size=2, grad_accum=1, eval_every=4, checkpoint_every=2, rank=4, alpha=8, dropout=0.0,
+        lr=1e-3, progress=False,
+    )  # fmt: skip
+    catalog = Catalog(small_shop.items)
+    signals = fit_signals(catalog, split.retriever_histories, ("popularity", "itemknn"))
+    retriever = FusionRetriever(catalog, list(signals.values()))
+
+    def run(ckpt, resume=False):
+        model, tok = load_trainable(resolve_model_path(ModelSpec()), cfg)
+        rec = Recommender(
+            retriever, catalog, TransformersBackend.from_loaded(model, tok), config=GeneratorConfig(n_candidates=8)
+        )
+        examples, _ = build_examples(rec, sample_cases(split.train, 40, 0), reasons_per_case=1, rank_examples=0)
+        valid = prepare_validation(rec, split.valid[:2])
+        result = train(rec, model, tok, examples[:8], valid, cfg, ckpt, resume=resume, log=lambda _: None)
+        return result, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    _, straight = run(tmp_path / "a")
+
+    real_loss, calls = train_mod._answer_loss, []
+
+    def dies_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process is killed mid-step
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_answer_loss", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 2
+    calls.clear()
+    monkeypatch.setattr(train_mod, "_answer_loss", lambda *a, **k: calls.append(1) or real_loss(*a, **k))
+    result, resumed = run(tmp_path / "b", resume=True)
+    assert result.steps == 4 and len(calls) == 2  # only steps 3 and 4 were trained again
+    for name, weight in straight.items():
+        torch.testing.assert_close(resumed[name], weight, atol=1e-6, rtol=1e-5)
+
+
 # --- the command line --------------------------------------------------------------------------------------------
 
 
