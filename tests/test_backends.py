@@ -340,3 +340,28 @@ def test_prefix_cache_changes_cost_not_results() -> None:
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     for g, w in zip(got_scores, want_scores, strict=True):
         np.testing.assert_allclose(g, w, atol=TOLERANCE["transformers"])
+
+
+def test_batches_are_split_by_prompt_tokens() -> None:
+    from generator.backends.transformers_backend import _chunks
+
+    assert _chunks([5, 5, 5, 5], 10) == [[0, 1], [2, 3]]
+    assert _chunks([30, 2, 2], 10) == [[0], [1, 2]]  # a row longer than the budget runs alone
+    assert _chunks([], 10) == []
+
+
+@pytest.mark.slow
+def test_generate_in_token_bounded_batches_keeps_every_row() -> None:
+    backend = real_backend()
+    tok = backend.tokenizer
+    forced = [tok.encode(" one"), tok.encode(" two three"), tok.encode(" four")]
+    prompts = [_prompt(backend, t) for t in PROMPTS]
+    budget = backend.max_batch_tokens  # type: ignore[attr-defined]
+    backend.max_batch_tokens = 1  # type: ignore[attr-defined]  # every row its own batch
+    try:
+        with one_torch_thread():
+            outs = backend.generate(prompts, [ForcedController(f) for f in forced], max_new_tokens=4)
+    finally:
+        backend.max_batch_tokens = budget  # type: ignore[attr-defined]
+    assert [o.token_ids for o in outs] == [tuple(f) for f in forced]
+    assert all(o.finish_reason == "stop" for o in outs)

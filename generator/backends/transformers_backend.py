@@ -289,7 +289,9 @@ class TransformersBackend:
     `dtype`: 'auto' (bf16 where the CPU has native bf16, else fp32), 'bfloat16' or 'float32'. `num_threads` sets
     torch's intra-op threads for the whole process (None leaves torch's default). `device`: 'cpu', 'cuda', or
     'auto' (cuda when available). A LoRA adapter named in the spec is loaded with peft and merged.
-    `prefix_cache_mb`: budget of the `PrefixCache` of scored prompts (0: none).
+    `prefix_cache_mb`: budget of the `PrefixCache` of scored prompts (0: none). `max_batch_tokens`: most prompt
+    tokens in one forward batch (a longer list of prompts runs as several batches; 16k tokens of SmolLM2 hold
+    ~370 MB of keys and values).
     """
 
     def __init__(
@@ -300,6 +302,7 @@ class TransformersBackend:
         device: str = "auto",
         cache_dir: str | None = None,
         prefix_cache_mb: float = 256,
+        max_batch_tokens: int = 16384,
     ) -> None:
         spec = ModelSpec(model=model_spec) if isinstance(model_spec, str) else (model_spec or ModelSpec())
         self.spec = spec
@@ -336,6 +339,7 @@ class TransformersBackend:
         self._head_decided = False
         # 256 MB hold ~10 SmolLM2 prompts of 1,100 tokens (23 KB of bf16 keys and values per token); 0 turns it off.
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.max_batch_tokens = max_batch_tokens
         self.load_s = time.perf_counter() - t0
 
     @classmethod
@@ -358,6 +362,7 @@ class TransformersBackend:
         self._head = None
         self._head_decided = False
         self.prefix_cache = None  # the caller may change the weights (training): cached states would go stale
+        self.max_batch_tokens = 16384
         self.load_s = 0.0
         return self
 
@@ -376,14 +381,17 @@ class TransformersBackend:
             return []
         label_ids = [check_single_token_labels(self._tokenizer, ls) for ls in labels]
         rows = [self._tokenizer.encode(p) for p in prompts]
-        with torch.inference_mode():
-            state = self._prefill(rows)
-            logp = torch.log_softmax(state.logits, dim=-1)
-            if self.prefix_cache is not None and not all(type(x) is DynamicLayer for x in state.cache.layers):
-                self.prefix_cache = None  # sliding-window or hybrid layers: a prefix's states are not plain keys
-            if self.prefix_cache is not None:  # the reason rows that follow start with these prompts
-                self.prefix_cache.store([(ids, state.row_states(i)) for i, ids in enumerate(rows)])
-        return [logp[i, ids].double().cpu().numpy() for i, ids in enumerate(label_ids)]
+        out: list[npt.NDArray[np.float64]] = []
+        for chunk in _chunks([len(r) for r in rows], self.max_batch_tokens):
+            with torch.inference_mode():
+                state = self._prefill([rows[i] for i in chunk])
+                logp = torch.log_softmax(state.logits, dim=-1)
+                if self.prefix_cache is not None and not all(type(x) is DynamicLayer for x in state.cache.layers):
+                    self.prefix_cache = None  # sliding-window or hybrid layers: a prefix's states are not plain keys
+                if self.prefix_cache is not None:  # the reason rows that follow start with these prompts
+                    self.prefix_cache.store([(rows[i], state.row_states(j)) for j, i in enumerate(chunk)])
+            out += [logp[j, label_ids[i]].double().cpu().numpy() for j, i in enumerate(chunk)]
+        return out
 
     def _prefill(self, rows: Sequence[Sequence[int]]) -> _Batch:
         """One forward pass over the prompts `rows` (token ids), reusing each row's longest cached prefix.
@@ -475,19 +483,45 @@ class TransformersBackend:
         max_new_tokens: int = 256,
         timeout_s: float | None = None,
     ) -> list[GenerationOutput]:
-        """Greedy decoding, one batch: rows that finish leave the batch, so the others decode at their own cost."""
+        """Greedy decoding in batches of at most `max_batch_tokens` prompt tokens (rows are independent, so the
+        split changes memory, not results); rows that finish leave their batch."""
         slots = validate_generate_args(prompts, controllers, max_new_tokens, timeout_s)
         if not prompts:
             return []
-        eos = self._tokenizer.eos_token_id
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        constrainer = _Constrainer(eos)
+        rows = [self._tokenizer.encode(p) for p in prompts]
         generated: list[list[int]] = [[] for _ in prompts]
-        finish: list[FinishReason] = ["length"] * len(prompts)
+        finish: list[FinishReason] = ["timeout"] * len(prompts)  # rows of batches the deadline never reached
+        constrainer = _Constrainer(self._tokenizer.eos_token_id)
+        for chunk in _chunks([len(r) for r in rows], self.max_batch_tokens):
+            if chunk[0] > 0 and deadline is not None and time.monotonic() >= deadline:
+                break
+            got = self._decode(
+                [rows[i] for i in chunk], [slots[i] for i in chunk], constrainer, max_new_tokens, deadline
+            )
+            for i, (ids, why) in zip(chunk, got, strict=True):
+                generated[i], finish[i] = ids, why
+        return [
+            GenerationOutput(text=self._tokenizer.decode(ids), token_ids=tuple(ids), finish_reason=why)
+            for ids, why in zip(generated, finish, strict=True)
+        ]
+
+    def _decode(
+        self,
+        rows: Sequence[Sequence[int]],
+        slots: Sequence[TokenController | None],
+        constrainer: _Constrainer,
+        max_new_tokens: int,
+        deadline: float | None,
+    ) -> list[tuple[list[int], FinishReason]]:
+        """Greedy continuation of one batch of prompts (token ids)."""
+        eos = self._tokenizer.eos_token_id
+        generated: list[list[int]] = [[] for _ in rows]
+        finish: list[FinishReason] = ["length"] * len(rows)
         with torch.inference_mode():
-            state = self._prefill([self._tokenizer.encode(p) for p in prompts])
+            state = self._prefill(rows)
             logits, cache, mask, position = state.logits, state.cache, state.mask, state.last_position
-            active = list(range(len(prompts)))  # batch row j decodes prompt active[j]
+            active = list(range(len(rows)))  # batch row j decodes prompt active[j]
             for step in range(max_new_tokens):
                 scores = constrainer.apply(logits, [slots[r] for r in active], [generated[r] for r in active])
                 chosen = scores.argmax(dim=-1).tolist()
@@ -514,7 +548,20 @@ class TransformersBackend:
                 position = position + 1
                 tokens = torch.tensor(chosen, dtype=torch.long, device=self.device)[:, None]
                 logits, cache = self._forward(tokens, mask, position[:, None], cache)
-        return [
-            GenerationOutput(text=self._tokenizer.decode(ids), token_ids=tuple(ids), finish_reason=why)
-            for ids, why in zip(generated, finish, strict=True)
-        ]
+        return list(zip(generated, finish, strict=True))
+
+
+def _chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive index groups whose lengths sum to at most `budget` (a longer single row is a group alone).
+
+    Why: a batch row carries its whole prompt's keys and values (a shared prefix is copied into every row), so
+    40 reason rows of a 1,100-token ranking prompt held ~2 GB of SmolLM2 states at once; bounded, they do not."""
+    groups: list[list[int]] = []
+    total = budget + 1
+    for i, n in enumerate(lengths):
+        if total + n > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += n
+    return groups
