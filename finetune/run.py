@@ -12,6 +12,7 @@ import platform
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,7 @@ def check_reasons(
     recs = recommender.recommend_batch(requests, cfg)
     shown = cfg.reason_history_shown
     checked = confirmed = fallbacks = 0
+    by_kind: Counter[str] = Counter()
     samples: list[dict[str, Any]] = []
     for request, rec in zip(requests, recs, strict=True):
         if rec.fallback:
@@ -214,6 +216,7 @@ def check_reasons(
             kind = check_reason(pick.reason, recommender.catalog[pick.item_id], ctx, by_id.get(pick.item_id))
             checked += 1
             confirmed += kind is not None
+            by_kind[kind or "unconfirmed"] += 1
             if len(samples) < 10:
                 samples.append(
                     {"item": recommender.catalog[pick.item_id].title, "reason": pick.reason, "evidence": kind}
@@ -222,6 +225,9 @@ def check_reasons(
         "checked": checked,
         "confirmed": confirmed,
         "rate": round(confirmed / checked, 4) if checked else None,
+        # "explore" (a department new to the shopper: the diversity picks' reason) is reported apart from the
+        # personal evidence (history, query, cart) and the retrievers' evidence
+        "by_kind": dict(sorted(by_kind.items())),
         "fallbacks": fallbacks,
         "examples": samples,
     }

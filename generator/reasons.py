@@ -16,7 +16,12 @@ co-bought             ``Often bought with your recent items.``               ite
 next step             ``A common next step after your recent items.``        the sequential model did, within top 10
 similar               ``Similar to what you have been browsing.``            the dense retriever did, within top 10
 popular               ``Popular with other shoppers.``                       popularity did, within top 20
+new department        ``Something new for you from Beauty.``                 no shown history item is in that department
 ====================  =====================================================  ==========================================
+
+The last one is the honest reason of a diversity pick: the category-diversity step brings in items from departments
+the shopper has not touched, where nothing personal holds; saying that it broadens their picks is true, checkable
+and tells the shopper why it is there (reported apart from the personal evidence in the fine-tuning results).
 
 Items are named by `short_name` (the title up to its first comma or bracket, at most five words) so a sentence fits
 the generator's reason budget (`GeneratorConfig.max_reason_tokens`). Only history items the prompt actually shows
@@ -91,6 +96,11 @@ def _query_terms(ctx: ReasonContext, item: Item) -> list[str]:
     return sorted(dict.fromkeys(terms), key=len, reverse=True)
 
 
+def _new_department(item: Item, recent: Sequence[Item]) -> bool:
+    """The item's department is one no shown history item is in (and there is a history to differ from)."""
+    return bool(item.category) and bool(recent) and all(h.category[:1] != item.category[:1] for h in recent)
+
+
 def _signal_rank(candidate: Candidate | None, name: str) -> int | None:
     if candidate is None or name not in candidate.sources:
         return None
@@ -103,6 +113,7 @@ _CO_BOUGHT = ("Often bought with your recent items.", "Shoppers who bought your 
 _NEXT = ("A common next step after your recent items.", "Often chosen next after items like yours.")
 _SIMILAR = ("Similar to what you have been browsing.", "Close to the items you looked at recently.")
 _POPULAR = ("Popular with other shoppers.", "A best seller with other shoppers.")
+_EXPLORE = ("Something new for you from {}.", "Broadens your picks with {}.")
 # No evidence at all: says so honestly (the checker never confirms these), in wordings that start differently.
 _NONE = ("A well-reviewed pick in {}.", "Worth a look in {}.", "Another choice from {}.", "Also consider this {} item.")
 
@@ -142,6 +153,8 @@ def reason_options(item: Item, ctx: ReasonContext, candidate: Candidate | None =
     rank = _signal_rank(candidate, "popularity")
     if rank is not None and rank <= POPULAR_RANK:
         out.extend(("popular", s) for s in _POPULAR)
+    if _new_department(item, recent):
+        out.extend(("explore", s.format(item.category[0])) for s in _EXPLORE)
     department = item.category[0] if item.category else "this shop"
     out.extend(("none", s.format(department)) for s in _NONE)
     return out
@@ -188,6 +201,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("brand", re.compile(r"^Same brand as your (?P<name>.+?)\.?$")),
     ("category", re.compile(r"^An alternative to your (?P<name>.+?)\.?$")),
     ("department", re.compile(r"^More (?P<dept>.+), like your recent picks\.?$")),
+    ("explore", re.compile(r"^(?:Something new for you from|Broadens your picks with) (?P<dept>.+?)\.?$")),
 )
 _SIGNAL_SENTENCES = {
     **{s: ("co-bought", "itemknn", CO_BOUGHT_RANK) for s in _CO_BOUGHT},
@@ -243,4 +257,6 @@ def check_reason(reason: str, item: Item, ctx: ReasonContext, candidate: Candida
             dept = m["dept"].strip()
             ok = bool(item.category) and item.category[0] == dept and any(h.category[:1] == (dept,) for h in recent)
             return kind if ok else None
+        if kind == "explore":
+            return kind if item.category[:1] == (m["dept"].strip(),) and _new_department(item, recent) else None
     return None

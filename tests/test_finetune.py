@@ -14,7 +14,7 @@ from finetune.fusion import ScoredCase, fit_llm_weight, ranks
 from finetune.train import IGNORE, encode, length_grouped_batches, masked_lm_loss
 from generator.backends import make_backend
 from generator.model import adapter_llm_weight, read_adapter_manifest
-from generator.reasons import ReasonContext, check_reason, short_name, write_reason
+from generator.reasons import ReasonContext, check_reason, reason_options, short_name, write_reason
 from generator.recommender import GeneratorConfig, Recommender
 from retrieval.catalog import Catalog
 from retrieval.events import histories
@@ -151,6 +151,13 @@ def test_reasons_name_checkable_evidence(tiny):
     assert check_reason("Often bought with your recent items.", catalog["case2"], ctx, cand) == "co-bought"
     far = Candidate(item_id="case2", score=1.0, sources={"itemknn": SignalEvidence(rank=40, score=1.0)})
     assert check_reason("Often bought with your recent items.", catalog["case2"], ctx, far) is None
+    # a diversity pick from a department the shown history never touched says so, and only then
+    phones = ReasonContext(catalog, history=("phone",))
+    assert ("explore", "Something new for you from Tools.") in reason_options(catalog["drill"], phones)
+    assert check_reason("Broadens your picks with Tools.", catalog["drill"], phones) == "explore"
+    assert check_reason("Something new for you from Electronics.", catalog["case"], phones) is None  # a phone is
+    assert check_reason("Something new for you from Electronics.", catalog["drill"], phones) is None
+    assert not any(k == "explore" for k, _ in reason_options(catalog["drill"], ReasonContext(catalog)))
 
 
 def test_short_names_fit_a_sentence():
