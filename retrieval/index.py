@@ -14,6 +14,7 @@ the full history at query time. This costs one training run instead of two, at t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -187,11 +188,8 @@ def fit_fusion(
     default_recall = _recall(prepared, cfg.weights["user"], cfg.rrf_k, len(fusion.catalog), k, cfg.method)
     weights, rrf_k, recall, method = fit_weights(prepared, names, len(fusion.catalog), k=k)
     if recall > default_recall:
-        fusion.config = FusionConfig(
-            weights={**fusion.config.weights, "user": weights},
-            rrf_k=rrf_k,
-            depth=fusion.config.depth,
-            method=method,
+        fusion.config = dataclasses.replace(  # the fitted rule; the rest (depth, new-item places) as it was
+            fusion.config, weights={**fusion.config.weights, "user": weights}, rrf_k=rrf_k, method=method
         )
     return {"default_recall": default_recall, "fitted_recall": max(recall, default_recall), "cases": len(prepared)}
 

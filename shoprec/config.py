@@ -39,6 +39,13 @@ class Settings(BaseModel):
     fit_fusion: bool = Field(
         default=True, description="Fit the fusion weights on each user's held-out last event when indexing."
     )
+    new_item_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=0.5,
+        description="Share of each retrieved list reserved for items nobody has used yet, best content match "
+        "first (0.1 = 2 of the LLM's 20 candidates): how a new product reaches shoppers.",
+    )
     llm_backend: str = Field(default="transformers", description="LLM backend: transformers | fake.")
     llm_model: str = Field(
         default="embedded:SmolLM2-135M-Instruct",
@@ -64,6 +71,7 @@ _ENV = {
     "SHOPREC_LLM_BACKEND": "llm_backend",
     "SHOPREC_LLM_MODEL": "llm_model",
     "SHOPREC_ADAPTER": "adapter",
+    "SHOPREC_NEW_ITEM_SHARE": "new_item_share",
 }
 
 

@@ -46,9 +46,14 @@ class Shoprec:
 
     @cached_property
     def retriever(self) -> FusionRetriever:
+        import dataclasses
+
         from retrieval.index import load_index
 
-        return load_index(self.settings.index_path, self.catalog, encoder=self.encoder)
+        fusion = load_index(self.settings.index_path, self.catalog, encoder=self.encoder)
+        if self.settings.new_item_share:  # a serving choice: no re-indexing needed
+            fusion.config = dataclasses.replace(fusion.config, new_item_share=self.settings.new_item_share)
+        return fusion
 
     @cached_property
     def backend(self) -> Any:

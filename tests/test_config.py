@@ -28,3 +28,13 @@ def test_bad_values_name_key_and_source(tmp_path, monkeypatch):
         load_settings(cfg)
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_new_item_share_from_the_environment(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("")
+    monkeypatch.setenv("SHOPREC_NEW_ITEM_SHARE", "0.1")
+    assert load_settings(cfg).new_item_share == 0.1
+    monkeypatch.setenv("SHOPREC_NEW_ITEM_SHARE", "0.9")
+    with pytest.raises(ConfigError, match="new_item_share"):
+        load_settings(cfg)
