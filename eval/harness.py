@@ -926,8 +926,11 @@ def _examples(prep: Prepared, outputs: Iterable[CaseOutput]) -> list[dict[str, A
 
 
 def code_version() -> str:
-    """The git commit of the code (with '+dirty' when tracked files differ), or 'unknown' outside a checkout."""
+    """The git commit of the code (with '+dirty' when tracked files differ); outside a checkout (a copy exported
+    with `git archive` so that edits cannot reach a long run), $SHOPREC_CODE_VERSION, else 'unknown'."""
     root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return os.environ.get("SHOPREC_CODE_VERSION", "unknown")
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
