@@ -167,6 +167,13 @@ def plot_curve(result: Mapping[str, Any], path: Path) -> Path | None:
     return path
 
 
+def _short_version(version: str) -> str:
+    """'5a63ed2...' -> '5a63ed2'; a note after the hash ('(exported copy)', '+dirty') is kept."""
+    head, _, note = version.partition(" ")
+    dirty = "+dirty" if head.endswith("+dirty") else ""
+    return (head.removesuffix("+dirty")[:12] + dirty + (" " + note if note else "")).strip()
+
+
 def summary_table(results: Sequence[Mapping[str, Any]]) -> str:
     """The README table: every dataset's systems, plus each curve's target verdict."""
     lines = [HEADER.replace("| system |", "| dataset | system |").replace("|---|", "|---|---|", 1)]
@@ -177,7 +184,7 @@ def summary_table(results: Sequence[Mapping[str, Any]]) -> str:
         notes.append(
             f"- {r['dataset']}: {r['protocol']} protocol, {r['test_users']} of {r['test_users_total']} test users, "
             f"categories at level {r['category_level']}, {r.get('seconds')} s; "
-            f"code `{r.get('code_version', '?')[:12]}`."
+            f"code `{_short_version(r.get('code_version', '?'))}`."
         )
         for base, c in r.get("curve", {}).items():
             t = c["target"]
