@@ -108,7 +108,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     result.update(
         {
             "dataset": args.data,
-            "adapter_manifest": {k: manifest[k] for k in ("peft", "train_config", "fusion", "validation", "reasons")},
+            "adapter_manifest": {
+                k: manifest[k]
+                for k in ("peft", "train_config", "fusion", "validation", "reasons", "steps", "train_seconds")
+                if k in manifest
+            },
             "curve": json.loads((adapter / "validation_curve.json").read_text(encoding="utf-8")),
         }
     )

@@ -113,12 +113,15 @@ def finetune_table(results: Path = RESULTS) -> str | None:
         m = r["adapter_manifest"]
         v = m["validation"]["best"]
         reasons = m.get("reasons", {})
+        seconds = m.get("train_seconds", r.get("train_seconds", "?"))
         out.append(
             f"**{r['dataset']}** — LoRA r={m['peft']['rank']} on {m['peft']['target_modules']}, lr "
-            f"{m['train_config']['lr']}; {r.get('train_seconds', '?')} s of training and validation on this box; "
+            f"{m['train_config']['lr']}, {m.get('steps', '?')} steps; {seconds} s of training and validation on "
+            f"this box; "
             f"validation NDCG@10 retrieval {v['retrieval']['ndcg@10'][0]:.4f}, tuned LLM {v['llm']['ndcg@10'][0]:.4f}, "
             f"fitted blend weight {m['fusion']['llm_weight']:g}; reasons citing confirmed evidence: "
             f"{reasons.get('confirmed', '?')}/{reasons.get('checked', '?')}."
+            + (f" {r['note']}" if r.get("note") else "")
         )
         out.append("")
         for key, title in titles.items():
