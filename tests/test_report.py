@@ -1,0 +1,56 @@
+"""The README's results sections are regenerated from the benchmark JSON (eval/bench/report.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from eval.bench.report import update_readme
+
+
+def _system(ndcg: float, system: str = "fusion") -> dict:
+    m = {k: [ndcg, ndcg - 0.01, ndcg + 0.01] for k in ("ndcg@10", "recall@10", "mrr@10", "coverage@5", "ild@5")}
+    m.update({k: [0.5, 0.4, 0.6] for k in ("alpha_ndcg@10", "novelty@10", "valid", "grounded")})
+    agg = {"catalog_coverage@10": 0.2, "gini@10": 0.8, "latency_ms": {"p50": 1.0, "p99": 2.0}}
+    return {"metrics": m, "aggregate": agg, "config": {"system": system}}
+
+
+def _run(dataset: str, systems: dict) -> dict:
+    return {"dataset": dataset, "protocol": "full", "test_users": 200, "test_users_total": 943, "category_level": 1,
+            "seconds": 1.0, "code_version": "abc1234 (exported copy)", "systems": systems}  # fmt: skip
+
+
+def test_readme_sections_come_from_the_json(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "eval-ml-100k.json").write_text(json.dumps(_run("ml-100k", {"fusion": _system(0.1454)})))
+    finetune = {
+        "dataset": "ml-100k",
+        "adapter_manifest": {
+            "peft": {"rank": 8, "target_modules": "all-linear"},
+            "train_config": {"lr": 5e-4},
+            "fusion": {"llm_weight": 0.0},
+            "validation": {"best": {"retrieval": {"ndcg@10": [0.1175]}, "llm": {"ndcg@10": [0.1109]}}},
+            "reasons": {"confirmed": 47, "checked": 50},
+            "steps": 160,
+            "train_seconds": 2622.6,
+        },
+        "eval": _run("ml-100k", {"tuned LLM alone": _system(0.1321, "llm")}),
+        "llmrank": _run("ml-100k", {"SASRec": _system(0.6012, "sasrec")}),
+        "note": "Resumed once.",
+    }
+    (results / "finetune-ml-100k.json").write_text(json.dumps(finetune))
+    readme = tmp_path / "README.md"
+    stale = "old text\n"
+    readme.write_text(
+        f"intro\n<!-- results:eval -->\n{stale}<!-- /results:eval -->\n"
+        f"<!-- results:finetune -->\n{stale}<!-- /results:finetune -->\nend\n"
+    )
+    assert update_readme(readme, results) == ["eval", "finetune"]
+    text = readme.read_text()
+    assert stale not in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert "| ml-100k | fusion | 0.1454 [0.135, 0.155]" in text
+    assert "| ml-100k | tuned LLM alone | 0.1321" in text  # the fine-tuning run's rows join the eval table
+    assert "160 steps; 2622.6 s" in text and "47/50" in text and "Resumed once." in text
+    assert "| SASRec | 0.6012 [0.591, 0.611] |" in text  # the LLMRank part
+    assert "code `abc1234 (exported copy)`" in text
