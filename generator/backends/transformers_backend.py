@@ -416,10 +416,9 @@ class TransformersBackend:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, t:]
         past = DynamicCache()
         if t > 0:
-            layers = len(next(kv for kv, _ in hits if kv is not None))
+            ref = next(kv for kv, _ in hits if kv is not None)  # shapes and dtype of the cached states
             data = []
-            for layer in range(layers):
-                ref_k, ref_v = next(kv for kv, _ in hits if kv is not None)[layer]
+            for layer, (ref_k, ref_v) in enumerate(ref):
                 k = ref_k.new_zeros((n, ref_k.shape[1], t, ref_k.shape[3]))
                 v = ref_v.new_zeros((n, ref_v.shape[1], t, ref_v.shape[3]))
                 for i, (kv, c) in enumerate(hits):
