@@ -113,6 +113,13 @@ _CO_BOUGHT = ("Often bought with your recent items.", "Shoppers who bought your 
 _NEXT = ("A common next step after your recent items.", "Often chosen next after items like yours.")
 _SIMILAR = ("Similar to what you have been browsing.", "Close to the items you looked at recently.")
 _POPULAR = ("Popular with other shoppers.", "A best seller with other shoppers.")
+# Retriever evidence: (kind, signal, best rank that backs it, wordings); one table for saying and for checking.
+_SIGNAL_EVIDENCE = (
+    ("co-bought", "itemknn", CO_BOUGHT_RANK, _CO_BOUGHT),
+    ("next", "sasrec", CO_BOUGHT_RANK, _NEXT),
+    ("similar", "dense", CO_BOUGHT_RANK, _SIMILAR),
+    ("popular", "popularity", POPULAR_RANK, _POPULAR),
+)
 _EXPLORE = ("Something new for you from {}.", "Broadens your picks with {}.")
 # No evidence at all: says so honestly (the checker never confirms these), in wordings that start differently.
 _NONE = ("A well-reviewed pick in {}.", "Worth a look in {}.", "Another choice from {}.", "Also consider this {} item.")
@@ -141,18 +148,10 @@ def reason_options(item: Item, ctx: ReasonContext, candidate: Candidate | None =
             break
     if item.category and any(h.category[:1] == item.category[:1] for h in recent):
         out.append(("department", f"More {item.category[0]}, like your recent picks."))
-    rank = _signal_rank(candidate, "itemknn")
-    if rank is not None and rank <= CO_BOUGHT_RANK:
-        out.extend(("co-bought", s) for s in _CO_BOUGHT)
-    rank = _signal_rank(candidate, "sasrec")
-    if rank is not None and rank <= CO_BOUGHT_RANK:
-        out.extend(("next", s) for s in _NEXT)
-    rank = _signal_rank(candidate, "dense")
-    if rank is not None and rank <= CO_BOUGHT_RANK:
-        out.extend(("similar", s) for s in _SIMILAR)
-    rank = _signal_rank(candidate, "popularity")
-    if rank is not None and rank <= POPULAR_RANK:
-        out.extend(("popular", s) for s in _POPULAR)
+    for kind, signal, limit, wordings in _SIGNAL_EVIDENCE:
+        rank = _signal_rank(candidate, signal)
+        if rank is not None and rank <= limit:
+            out.extend((kind, s) for s in wordings)
     if _new_department(item, recent):
         out.extend(("explore", s.format(item.category[0])) for s in _EXPLORE)
     department = item.category[0] if item.category else "this shop"
@@ -203,12 +202,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("department", re.compile(r"^More (?P<dept>.+), like your recent picks\.?$")),
     ("explore", re.compile(r"^(?:Something new for you from|Broadens your picks with) (?P<dept>.+?)\.?$")),
 )
-_SIGNAL_SENTENCES = {
-    **{s: ("co-bought", "itemknn", CO_BOUGHT_RANK) for s in _CO_BOUGHT},
-    **{s: ("next", "sasrec", CO_BOUGHT_RANK) for s in _NEXT},
-    **{s: ("similar", "dense", CO_BOUGHT_RANK) for s in _SIMILAR},
-    **{s: ("popular", "popularity", POPULAR_RANK) for s in _POPULAR},
-}
+_SIGNAL_SENTENCES = {s: (kind, signal, limit) for kind, signal, limit, wordings in _SIGNAL_EVIDENCE for s in wordings}
 
 
 def _named(items: Sequence[Item], name: str) -> list[Item]:
