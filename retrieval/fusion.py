@@ -99,8 +99,14 @@ class FusionRetriever:
         self.retrievers = {r.name: r for r in retrievers}
         self.config = config or FusionConfig()
 
-    def signal_lists(self, request: RetrievalRequest, names: Sequence[str] | None = None) -> SignalLists:
-        """Each applicable signal's own filtered top-`depth` rows and scores."""
+    def signal_lists(
+        self,
+        request: RetrievalRequest,
+        names: Sequence[str] | None = None,
+        scores_by_signal: dict[str, np.ndarray | None] | None = None,
+    ) -> SignalLists:
+        """Each applicable signal's own filtered top-`depth` rows and scores. `scores_by_signal`, when given, is
+        this request's memo of full score vectors: read before scoring, filled after (one scoring per signal)."""
         mask = self.catalog.mask(request.filters, request.history)
         if request.cart:
             mask[self.catalog.rows(request.cart)] = False
@@ -111,7 +117,7 @@ class FusionRetriever:
                 continue  # a zero-weight signal costs nothing
             if names is not None and name not in names:
                 continue
-            scores = retriever.score(request)
+            scores = _scored(retriever, request, scores_by_signal)
             if scores is None:
                 continue
             rows = top_k(scores, self.config.depth, mask)
@@ -125,13 +131,15 @@ class FusionRetriever:
             lists, self.config.weights.get(mode, {}), self.config.rrf_k, len(self.catalog), self.config.method
         )
 
-    def _fused(self, request: RetrievalRequest) -> tuple[SignalLists, np.ndarray | None]:
-        lists = self.signal_lists(request)
+    def _fused(
+        self, request: RetrievalRequest, scores_by_signal: dict[str, np.ndarray | None] | None = None
+    ) -> tuple[SignalLists, np.ndarray | None]:
+        lists = self.signal_lists(request, scores_by_signal=scores_by_signal)
         fused = self.fuse(lists, request.mode) if lists else None
         if fused is None or not np.isfinite(fused).any():
             # Cold start: fitted weights may give 0 to the only signals that still apply (popularity for a new
             # user), so fall back to every applicable signal with equal weight rather than return nothing.
-            lists = self.signal_lists(request, names=list(self.retrievers))
+            lists = self.signal_lists(request, names=list(self.retrievers), scores_by_signal=scores_by_signal)
             equal = {name: 1.0 for name in lists}
             fused = fuse_lists(lists, equal, self.config.rrf_k, len(self.catalog), "rrf") if lists else None
         return lists, fused
@@ -140,14 +148,15 @@ class FusionRetriever:
         return self._fused(request)[1]
 
     def retrieve(self, request: RetrievalRequest, k: int) -> list[Candidate]:
-        lists, fused = self._fused(request)
+        scored: dict[str, np.ndarray | None] = {}  # each signal scores this request once
+        lists, fused = self._fused(request, scored)
         if fused is None:
             return []
         rows = top_k(fused, k)
         slots = round(self.config.new_item_share * k)
         new_lists: SignalLists = {}
         if slots:  # the last `slots` places go to the best new items not already in the list
-            new_lists, new_fused = self._new_items(request, exclude=rows[: k - slots])
+            new_lists, new_fused = self._new_items(request, rows[: k - slots], scored)
             new_rows = top_k(new_fused, slots) if new_fused is not None else rows[:0]
             if len(new_rows):
                 keep = rows[: k - len(new_rows)]
@@ -171,7 +180,9 @@ class FusionRetriever:
         counts = getattr(self.retrievers.get("popularity"), "counts", None)
         return None if counts is None else np.asarray(counts) <= 0
 
-    def _new_items(self, request: RetrievalRequest, exclude: np.ndarray) -> tuple[SignalLists, np.ndarray | None]:
+    def _new_items(
+        self, request: RetrievalRequest, exclude: np.ndarray, scored: dict[str, np.ndarray | None]
+    ) -> tuple[SignalLists, np.ndarray | None]:
         """The content signals' lists over new items only, and their equal-weight RRF fusion."""
         new = self.new_item_mask()
         if new is None:
@@ -183,7 +194,7 @@ class FusionRetriever:
         lists: SignalLists = {}
         for name in CONTENT_SIGNALS:
             retriever = self.retrievers.get(name)
-            scores = retriever.score(request) if retriever is not None and mask.any() else None
+            scores = _scored(retriever, request, scored) if retriever is not None and mask.any() else None
             if scores is None:
                 continue
             rows = top_k(scores, self.config.depth, mask)
@@ -192,6 +203,17 @@ class FusionRetriever:
         if not lists:
             return {}, None
         return lists, fuse_lists(lists, dict.fromkeys(lists, 1.0), self.config.rrf_k, len(self.catalog), "rrf")
+
+
+def _scored(
+    retriever: Retriever, request: RetrievalRequest, memo: dict[str, np.ndarray | None] | None
+) -> np.ndarray | None:
+    """`retriever.score(request)`, through this request's memo when there is one."""
+    if memo is None:
+        return retriever.score(request)
+    if retriever.name not in memo:
+        memo[retriever.name] = retriever.score(request)
+    return memo[retriever.name]
 
 
 def fuse_lists(

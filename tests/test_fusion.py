@@ -130,13 +130,17 @@ def test_new_item_places_offer_unseen_items_at_the_end_of_the_list():
     pop = Fixed(catalog, "popularity", [9, 8, 7, 6, 5, 4, 3, 2, 0, 0])  # i8, i9: no interactions yet
     pop.counts = np.array([9, 8, 7, 6, 5, 4, 3, 2, 0, 0], dtype=np.float64)  # type: ignore[attr-defined]
     text = Fixed(catalog, "bm25", [0, 0, 0, 0, 0, 0, 0, 0, 1, 2])  # the new i9 matches best, then i8
-    weights = {"user": {"popularity": 1.0, "bm25": 0.0}}
+    calls = []
+    text_score = text.score
+    text.score = lambda request: calls.append(1) or text_score(request)  # type: ignore[method-assign]
+    weights = {"user": {"popularity": 1.0, "bm25": 0.1}}
     plain = FusionRetriever(catalog, [pop, text], FusionConfig(weights=weights))
     assert [c.item_id for c in plain.retrieve(RetrievalRequest(history=("i0",)), 4)] == ["i1", "i2", "i3", "i4"]
     fresh = FusionRetriever(catalog, [pop, text], FusionConfig(weights=weights, new_item_share=0.5))
     got = fresh.retrieve(RetrievalRequest(history=("i0",)), 4)
     assert [c.item_id for c in got] == ["i1", "i2", "i9", "i8"]  # best content match first, after the kept items
     assert got[2].score < got[1].score and got[2].sources["bm25"].rank == 1
+    assert len(calls) == 2  # once per retrieve: the fused list and the new-item places share one scoring
     assert FusionConfig.from_dict(fresh.config.to_dict()).new_item_share == 0.5
     with pytest.raises(ValueError, match="new_item_share"):
         FusionConfig(new_item_share=0.9)
