@@ -8,6 +8,11 @@ module only adds the answer the constrained decoder would have had to produce:
 - a **rank example** per case: the ranking prompt, then K lines ``"1. (L) reason"``; the held-out next item first,
   then the other candidates in retrieval order as far as the category constraint allows (what the generate mode
   decodes, and whose first label is what score mode reads from one forward pass);
+- or, with ``rank_loss="labels"``, a **label example** per case instead (LlamaRec's listwise loss): the ranking
+  prompt with the assistant prefix ``"1. ("`` score mode appends, and the target's label as the only answer
+  token; its loss is a softmax over the request's labels, exactly the normalised score score mode reads. The
+  full answer spends ~98% of its loss on reason text the constrained decoder mostly fixes anyway, so the ranking
+  signal (one label token of ~75) is diluted;
 - **reason examples**: the one-candidate reason prompt of score mode ending in the prefilled ``"1. (L)"``, then
   the reason (what `ReasonController` decodes), for the target and the next picks.
 
@@ -32,7 +37,7 @@ from typing import Literal
 from eval.splits import Case
 from generator.constraints import allowed_next
 from generator.decoding import COPY_SPAN, PicksController, PicksParseError
-from generator.prompts import format_answer
+from generator.prompts import assistant_prefix, format_answer
 from generator.reasons import ReasonContext, write_reason
 from generator.recommender import Prepared, Recommender
 from retrieval.types import Interaction, RetrievalRequest
@@ -42,13 +47,14 @@ from retrieval.types import Interaction, RetrievalRequest
 class Example:
     """One training example: the prompt as served and the exact answer text the constrained decoder allows."""
 
-    kind: Literal["rank", "reason"]
+    kind: Literal["rank", "label", "reason"]
     prompt: str = field(repr=False)  # chat-formatted, ending where the model's output starts
     answer: str  # the output text before end-of-sequence (which the tokenizer step appends as a token)
     user_id: str
     target: str  # the held-out item this example was built from
     position: int  # its index in the user's time-ordered history (= how many events the prompt could draw on)
     evidence: tuple[str, ...] = ()  # the evidence kind of each reason in `answer`
+    choices: tuple[str, ...] = ()  # a "label" example: the request's labels, over which its loss is normalised
 
 
 @dataclass(frozen=True)
@@ -121,11 +127,14 @@ def build_examples(
     reasons_per_case: int = 2,
     rank_examples: int | None = None,
     complements: Mapping[str, frozenset[str]] | None = None,
+    rank_loss: Literal["answer", "labels"] = "answer",
 ) -> tuple[list[Example], ExampleStats]:
     """Rank and reason examples for `cases`, through `recommender` (its retriever, prompts, config, tokenizer).
 
     `rank_examples`: at most this many rank examples (None = one per usable case, 0 = none). A ranking prompt is
     ~4x the tokens of a reason prompt, so on a CPU budget the reasons can get more cases than the ranking.
+    `rank_loss`: "answer" = rank examples with the full answer (generate mode's output); "labels" = label
+    examples (score mode's one-pass ranking, LlamaRec's listwise loss).
 
     The recommender needs a backend for its tokenizer and chat template (no forward pass is made).
     """
@@ -150,7 +159,10 @@ def build_examples(
         try:
             made = []
             if rank_examples is None or n_rank < rank_examples:
-                made.append(_rank_example(recommender, p, order, case, comp))
+                if rank_loss == "labels":
+                    made.append(_label_example(p, order[0], case))
+                else:
+                    made.append(_rank_example(recommender, p, order, case, comp))
             made += [
                 _reason_example(recommender, p, index, line, case, comp)
                 for line, index in enumerate(order[:reasons_per_case], start=1)
@@ -159,7 +171,7 @@ def build_examples(
             rejected += 1
             continue
         out.extend(made)
-        n_rank += sum(e.kind == "rank" for e in made)
+        n_rank += sum(e.kind != "reason" for e in made)
         n_reason += sum(e.kind == "reason" for e in made)
     used = len(cases) - skipped - rejected
     stats = ExampleStats(len(cases), used, skipped, rejected, n_rank, n_reason)
@@ -243,6 +255,14 @@ def _rank_example(
     if [pp.index for pp in parsed] != list(order):
         raise AssertionError(f"rank answer reads back as {[pp.label for pp in parsed]}: {answer!r}")
     return Example("rank", p.prompt, answer, case.user_id, case.target, len(case.history), tuple(kinds))
+
+
+def _label_example(p: Prepared, target: int, case: Case) -> Example:
+    """The scoring prompt exactly as `Recommender._llm_scores` builds it (one pass, retrieval order), and the
+    target's label: the token whose normalised log-probability score mode reads."""
+    views = [v.label for v in p.views]
+    prompt = p.prompt + assistant_prefix(p.config.k)
+    return Example("label", prompt, views[target], case.user_id, case.target, len(case.history), choices=tuple(views))
 
 
 def _reason_example(

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -40,6 +40,12 @@ class DataOptions(BaseModel):
     reasons_per_case: int = Field(default=2, ge=0, description="Reason examples per case (target first).")
     rank_examples: int | None = Field(
         default=None, ge=0, description="At most this many ranking examples (None = one per usable case)."
+    )
+    rank_loss: Literal["answer", "labels"] = Field(
+        default="answer",
+        description="'answer': ranking examples train the full answer (picks and reasons, generate mode's "
+        "output); 'labels': the first pick's label only, softmax over the request's labels (LlamaRec's listwise "
+        "loss; what score mode reads).",
     )
     signals: tuple[str, ...] = Field(
         default=("popularity", "itemknn", "bm25", "dense", "sasrec"), description="Retrieval signals for candidates."
@@ -135,6 +141,7 @@ def run(
         reasons_per_case=opts.reasons_per_case,
         rank_examples=opts.rank_examples,
         complements=complements,
+        rank_loss=opts.rank_loss,
     )
     valid_cases = sample_cases(split.valid, opts.valid_cases, opts.seed + 1)
     valid = prepare_validation(recommender, valid_cases)

@@ -54,8 +54,8 @@ def register(app: typer.Typer, friendly: Callable[[Any], Any]) -> None:
         epochs: float = typer.Option(1.0, "--epochs", help="Passes over the examples."),
         max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
         max_length: int = typer.Option(1536, "--max-length", help="Tokens per sequence."),
-        batch: int = typer.Option(4, "--batch", help="Sequences per forward pass."),
-        grad_accum: int = typer.Option(2, "--grad-accum", help="Forward passes per optimiser step."),
+        batch: int = typer.Option(1, "--batch", help="Sequences per forward pass (1 is fastest on a CPU)."),
+        grad_accum: int = typer.Option(8, "--grad-accum", help="Forward passes per optimiser step."),
         threads: int = typer.Option(1, "--threads", help="torch CPU threads."),
         device: str = typer.Option("auto", "--device", help="cpu | cuda | auto."),
         eval_every: int = typer.Option(25, "--eval-every", help="Optimiser steps between validations."),
@@ -65,6 +65,12 @@ def register(app: typer.Typer, friendly: Callable[[Any], Any]) -> None:
         positions: int = typer.Option(1, "--positions", help="Training targets per user."),
         reasons_per_case: int = typer.Option(2, "--reasons-per-case", help="Reason examples per case."),
         rank_examples: int | None = typer.Option(None, "--rank-examples", help="At most this many ranking examples."),
+        rank_loss: str = typer.Option(
+            "answer",
+            "--rank-loss",
+            help="answer: ranking examples train the full answer (generate mode); labels: the first pick's label "
+            "only, softmax over the candidates' labels (LlamaRec's listwise loss; score mode).",
+        ),
         signals: str = typer.Option(
             "popularity,itemknn,bm25,dense,sasrec", "--signals", help="Retrieval signals for the candidates."
         ),
@@ -96,6 +102,7 @@ def register(app: typer.Typer, friendly: Callable[[Any], Any]) -> None:
                 valid_cases=valid_cases,
                 reasons_per_case=reasons_per_case,
                 rank_examples=rank_examples,
+                rank_loss=rank_loss,  # type: ignore[arg-type]  # validated by pydantic
                 signals=tuple(s.strip() for s in signals.split(",") if s.strip()),
                 sasrec_epochs=sasrec_epochs,
                 reason_check_cases=reason_check,

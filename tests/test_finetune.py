@@ -11,9 +11,10 @@ import pytest
 
 from finetune.data import Example, answer_token_ids, build_examples, leaked, sample_cases, split_cases
 from finetune.fusion import ScoredCase, fit_llm_weight, ranks
-from finetune.train import IGNORE, encode, length_grouped_batches, masked_lm_loss
+from finetune.train import IGNORE, _allowed, _answer_loss, _collate, encode, length_grouped_batches, masked_lm_loss
 from generator.backends import make_backend
 from generator.model import adapter_llm_weight, read_adapter_manifest
+from generator.prompts import assistant_prefix
 from generator.reasons import ReasonContext, check_reason, reason_options, short_name, write_reason
 from generator.recommender import GeneratorConfig, Recommender
 from retrieval.catalog import Catalog
@@ -99,6 +100,21 @@ def test_examples_are_what_the_decoder_produces_and_never_leak(fake_recommender,
         if ex.kind == "reason":
             assert ex.answer.startswith(" ") and ex.answer.endswith("\n")
             assert len(answer_token_ids(tok.encode, ex.answer)) <= fake_recommender.config.max_reason_tokens + 1
+
+
+def test_label_examples_are_the_scoring_prompt_and_the_targets_label(fake_recommender, split, small_shop):
+    cases = sample_cases(split.train, 40, seed=0)
+    examples, stats = build_examples(
+        fake_recommender, cases, reasons_per_case=0, complements=_complements(small_shop), rank_loss="labels"
+    )
+    assert examples and {e.kind for e in examples} == {"label"} and stats.rank_examples == len(examples)
+    assert leaked(examples, split) == []
+    for ex in examples:
+        p = fake_recommender.prepare(RetrievalRequest(history=_history(split, ex)))
+        # what score mode feeds the model (Recommender._llm_scores, one pass) and the label it reads
+        assert ex.prompt == p.prompt + assistant_prefix(p.config.k)
+        assert ex.choices == tuple(v.label for v in p.views)
+        assert ex.answer == next(v.label for v in p.views if v.item_id == ex.target)
 
 
 def test_leakage_check_catches_a_held_out_position(split):
@@ -206,6 +222,45 @@ def test_loss_is_answer_only_and_never_nan():
     assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
 
 
+def test_label_example_encodes_one_label_token_and_drops_a_full_prompt():
+    ex = Example("label", "abc", "B", "u", "t", 3, choices=("A", "B", "C"))
+    enc = encode(_Tok(), ex, max_length=100)
+    assert enc.input_ids == [*map(ord, "abcB")] and enc.labels == [IGNORE] * 3 + [ord("B")]  # no EOS
+    assert enc.choices == (ord("A"), ord("B"), ord("C")) and enc.answer_tokens == 1
+    assert encode(_Tok(), ex, max_length=3).answer_tokens == 0  # the prompt fills it: dropped before training
+    with pytest.raises(ValueError, match="not among its choices"):
+        encode(_Tok(), Example("label", "abc", "D", "u", "t", 3, choices=("A", "B")), max_length=100)
+
+
+def test_label_loss_is_the_softmax_over_the_request_labels_only():
+    import torch
+
+    torch.manual_seed(0)
+    vocab = 128  # covers the character ids of _Tok
+    logits = torch.randn(2, 4, vocab)
+
+    class Model:  # no decoder/head split: the loss goes through the full logits path
+        def get_output_embeddings(self):
+            return None
+
+        def __call__(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": logits})()
+
+    label = encode(_Tok(), Example("label", "abc", "B", "u", "t", 3, choices=("A", "B", "C")), 100)
+    text = encode(_Tok(), Example("reason", "ab", "x", "u", "t", 3), 100)  # "ab" + "x" + EOS: 4 tokens
+    rows = [label, text]
+    ids, mask, labels = _collate(rows, 0, "cpu")
+    assert mask is None  # equal lengths: no padding, no mask (SDPA's fused causal kernel)
+    loss, n = _answer_loss(Model(), ids, mask, labels, _allowed(rows, vocab, "cpu"))
+    abc = [ord("A"), ord("B"), ord("C")]
+    listwise = -torch.log_softmax(logits[0, 2, abc], -1)[1]  # position 2 predicts "B" among A, B, C only
+    full = torch.nn.functional.cross_entropy(logits[1, 1:3], torch.tensor([ord("x"), 0]), reduction="sum")
+    assert n == 3 and torch.allclose(loss, (listwise + full) / 3)
+    assert _allowed([text], vocab, "cpu") is None
+    _, padded, _ = _collate([label, encode(_Tok(), Example("reason", "a", "x", "u", "t", 3), 100)], 0, "cpu")
+    assert padded is not None and padded.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+
+
 def test_batches_cover_every_example_once_and_group_lengths():
     lengths = [1200 if i % 4 == 0 else 250 for i in range(64)]
     batches = length_grouped_batches(lengths, 4, seed=0)
@@ -280,6 +335,20 @@ def test_two_step_run_on_the_demo_catalog_saves_and_reloads(small_shop, split, t
     examples, _ = build_examples(rec, sample_cases(split.train, 40, 0), reasons_per_case=1, rank_examples=0)
     assert len(examples) >= 4
     valid = prepare_validation(rec, split.valid[:2])
+
+    # train/serve parity of the listwise label loss: before training, a label example's loss is minus the
+    # normalised log-probability score mode gives its target
+    (lab, *_), _ = build_examples(rec, sample_cases(split.train, 40, 0), reasons_per_case=0, rank_loss="labels")
+    p = rec.prepare(RetrievalRequest(history=_history(split, lab)))
+    served_logp = rec.score_prepared([p])[0][[v.label for v in p.views].index(lab.answer)]
+    enc = encode(tok, lab, 4096)
+    ids, mask, labels = _collate([enc], tok.pad_token_id, "cpu")
+    vocab = model.get_base_model().get_output_embeddings().weight.shape[0]
+    model.eval()
+    with torch.no_grad():
+        loss, _ = _answer_loss(model, ids, mask, labels, _allowed([enc], vocab, "cpu"))
+    model.train()
+    assert float(loss) == pytest.approx(-served_logp, abs=0.05)
     before = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
     result = train(rec, model, tok, examples[:4], valid, cfg, tmp_path / "ckpt", log=lambda _: None)
     assert result.steps == 2 and [p["step"] for p in result.curve] == [0, 2]
