@@ -1,8 +1,9 @@
 """Markdown reports and plots of evaluation results (`eval.harness` JSON): tables, the accuracy–diversity curve.
 
-`markdown(result)` is what `shoprec eval` writes next to its JSON; `summary_table(results)` is the README's
-results table over several datasets; `plot_curve` draws NDCG@10 against category coverage@5 (matplotlib, lazily
-imported, Agg backend: no display needed).
+`markdown(result)` is what `shoprec eval` writes next to its JSON, and `html(result, plot)` the same report as
+one self-contained HTML page (the plot embedded); `summary_table(results)` is the README's results table over
+several datasets; `plot_curve` draws NDCG@10 against category coverage@5 (matplotlib, lazily imported, Agg
+backend: no display needed).
 """
 
 from __future__ import annotations
@@ -128,6 +129,37 @@ def markdown(result: Mapping[str, Any], plot: str | None = None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+_CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; white-space: nowrap; }
+th { background: #f3f3f3; } tr:nth-child(even) td { background: #fafafa; }
+img { max-width: 100%; } code { background: #f3f3f3; padding: 0 3px; }
+"""
+
+
+def html(result: Mapping[str, Any], plot: Path | None = None) -> str:
+    """The Markdown report as one HTML page that needs no other file: the curve plot, when given, is embedded.
+
+    Rendered by markdown-it-py (CommonMark with tables); every string of the result is escaped by the renderer,
+    so a dataset or system name cannot inject markup.
+    """
+    import base64
+    import html as html_lib
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown(result, None))
+    if plot is not None:
+        data = base64.b64encode(plot.read_bytes()).decode("ascii")
+        body += f'<h2>Plot</h2>\n<p><img alt="accuracy-diversity curve" src="data:image/png;base64,{data}"></p>\n'
+    title = html_lib.escape(f"shoprec evaluation: {result['dataset']}")
+    return (
+        f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
+        f"<style>{_CSS}</style>\n</head>\n<body>\n{body}</body>\n</html>\n"
+    )
 
 
 def plot_curve(result: Mapping[str, Any], path: Path) -> Path | None:

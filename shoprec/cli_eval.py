@@ -62,9 +62,10 @@ def eval_command(
     threads: int = typer.Option(1, "--threads", min=1, help="Torch threads."),
     as_json: bool = typer.Option(False, "--json", help="Print the result JSON instead of the table."),
 ) -> None:
-    """Evaluate systems under one protocol: JSON result (metrics with 95% CIs, per-user values) + Markdown report."""
+    """Evaluate systems under one protocol: JSON result (metrics with 95% CIs, per-user values) + Markdown and HTML
+    reports."""
     from eval.harness import load_configs, run, write_json
-    from eval.report_eval import markdown, plot_curve
+    from eval.report_eval import html, markdown, plot_curve
 
     if adapter is not None and not adapter.is_dir():
         raise ValueError(f"--adapter {str(adapter)!r} is not a folder. Fix: pass a LoRA adapter directory.")
@@ -80,11 +81,13 @@ def eval_command(
     write_json(out, result)
     report = markdown(result, plot.name if plot else None)
     out.with_suffix(".md").write_text(report, encoding="utf-8")
+    out.with_suffix(".html").write_text(html(result, plot), encoding="utf-8")
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
     else:
         console.print(report, highlight=False, markup=False)
-        console.print(f"written: {out}, {out.with_suffix('.md')}" + (f", {plot}" if plot else ""), highlight=False)
+        written = [out, out.with_suffix(".md"), out.with_suffix(".html"), *([plot] if plot else [])]
+        console.print("written: " + ", ".join(map(str, written)), highlight=False)
 
 
 def _tuned_copies(configs: list[Any], adapter: Path, out: Path | None) -> list[str]:

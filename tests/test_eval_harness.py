@@ -124,6 +124,15 @@ def test_cli_writes_json_markdown_and_the_curve_plot(tmp_path, shop_dir, configs
     quota = next(p for p in curve["points"] if p["setting"] == "quota max1/cat n=20")
     assert quota["coverage@5"][0] == pytest.approx(1.0)  # one item per category: the top 5 cover 5 categories
     assert out.with_suffix(".png").is_file() and "Accuracy–diversity curve" in out.with_suffix(".md").read_text()
+    page = out.with_suffix(".html").read_text()  # the same report as one page, the plot inside it
+    ndcg = f"{res['systems']['fusion']['metrics']['ndcg@10'][0]:.4f}"
+    assert page.startswith("<!doctype html>") and "<table>" in page and f"<td>fusion</td>\n<td>{ndcg} [" in page
+    assert "data:image/png;base64," in page and "Accuracy–diversity curve</h2>" in page
+
+    from eval.report_eval import html
+
+    res["dataset"] = "<script>alert(1)</script>"  # names in a result are data: escaped, never markup
+    assert "<script>" not in html(res) and "&lt;script&gt;alert(1)&lt;/script&gt;" in html(res)
 
 
 def test_curve_target_check():

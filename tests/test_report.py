@@ -54,3 +54,16 @@ def test_readme_sections_come_from_the_json(tmp_path: Path) -> None:
     assert "160 steps; 2622.6 s" in text and "47/50" in text and "Resumed once." in text
     assert "| SASRec | 0.6012 [0.591, 0.611] |" in text  # the LLMRank part
     assert "code `abc1234 (exported copy)`" in text
+
+
+def test_every_evaluation_gets_an_html_page(tmp_path: Path) -> None:
+    from eval.bench.report import write_html_reports
+
+    run = {**_run("office", {"fusion": _system(0.0578)}), "split": "loo", "seed": 0, "items": 2420, "events": 53258,
+           "data_hash": "f" * 64}  # fmt: skip
+    (tmp_path / "eval-office.json").write_text(json.dumps(run))
+    (tmp_path / "finetune-office.json").write_text(json.dumps({"dataset": "office"}))  # not an eval: no page
+    pages = write_html_reports(tmp_path)
+    assert [p.name for p in pages] == ["eval-office.html"]
+    page = pages[0].read_text()
+    assert "<td>fusion</td>\n<td>0.0578 [0.048, 0.068]</td>" in page and "<img" not in page  # no plot, no image

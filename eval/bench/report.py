@@ -1,4 +1,5 @@
-"""Regenerate the README's results tables from the JSON files in eval/results/ (run by `make bench`).
+"""Regenerate the README's results tables from the JSON files in eval/results/ (run by `make bench`), and each
+evaluation's HTML report (`eval-*.html`: its Markdown report as one page, with its curve plot embedded).
 
 Each table lives between `<!-- results:NAME -->` and `<!-- /results:NAME -->` markers in README.md; only the text
 between the markers is replaced, so the prose around it stays hand-written.
@@ -261,6 +262,24 @@ def update_readme(readme: Path = ROOT / "README.md", results: Path = RESULTS) ->
     return done
 
 
+def write_html_reports(results: Path = RESULTS) -> list[Path]:
+    """An HTML page next to every evaluation result (eval-*.json), written atomically; the pages written."""
+    from eval.report_eval import html
+
+    pages = []
+    for path in sorted(results.glob("eval-*.json")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        if "systems" not in result:
+            continue
+        plot = path.with_suffix(".png")
+        page = path.with_suffix(".html")
+        tmp = page.with_suffix(".html.tmp")
+        tmp.write_text(html(result, plot if plot.is_file() else None), encoding="utf-8")
+        os.replace(tmp, page)
+        pages.append(page)
+    return pages
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
@@ -268,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     done = update_readme(args.readme, args.results)
     print(f"README tables regenerated: {', '.join(done) or 'none'}")
+    pages = write_html_reports(args.results)
+    print(f"HTML reports: {', '.join(p.name for p in pages) or 'none'}")
 
 
 if __name__ == "__main__":
