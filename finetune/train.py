@@ -68,6 +68,12 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(default=25, ge=1, description="Optimiser steps between validations.")
     eval_batch: int = Field(default=8, ge=1, description="Validation requests per scoring pass.")
     patience: int = Field(default=3, ge=1, description="Validations without a better NDCG@10 before stopping.")
+    select_by: Literal["llm", "fused"] = Field(
+        default="llm",
+        description="Which validation NDCG@10 picks the best checkpoint (and drives early stopping): 'llm' = the "
+        "tuned model alone; 'fused' = what serving ranks by, the blend with the weight fitted at that checkpoint "
+        "(ties: the better model alone).",
+    )
     checkpoint_every: int = Field(default=25, ge=1, description="Optimiser steps between resumable checkpoints.")
     seed: int = Field(default=0, description="Seeds LoRA init, dropout and batch order.")
     fusion_grid: tuple[float, ...] = Field(default=DEFAULT_GRID, description="LLM weights tried when fitting fusion.")
@@ -463,14 +469,14 @@ def train(
                 )
                 # the best TRAINED weights: the untuned model is the baseline, not a candidate (it writes no
                 # usable reasons, whatever its ranking)
-                if best is None or result["llm"]["ndcg@10"][0] > best["llm"]["ndcg@10"][0]:
+                if best is None or _selection_key(result, cfg) > _selection_key(best, cfg):
                     best, bad = result, 0
                     best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
                 else:
                     bad += 1
                 bar.write(f"step {step}: loss {curve[-1]['loss']}; {_summary(result)}")
                 if bad >= cfg.patience:
-                    bar.write(f"early stop: {bad} validations without a better LLM NDCG@10")
+                    bar.write(f"early stop: {bad} validations without a better {cfg.select_by} NDCG@10")
                     stopped = True
             if step % cfg.checkpoint_every == 0 or stopped or step == total:
                 save_checkpoint()
@@ -483,6 +489,11 @@ def train(
     if best is None:  # no validation after training (e.g. resumed at the end): evaluate the final weights
         best = evaluate(recommender, valid, cfg)
     return TrainResult(model, best, untuned, curve, step, time.perf_counter() - t0, stats)
+
+
+def _selection_key(result: dict[str, Any], cfg: TrainConfig) -> tuple[float, ...]:
+    llm = float(result["llm"]["ndcg@10"][0])
+    return (float(result["fused"]["ndcg@10"][0]), llm) if cfg.select_by == "fused" else (llm,)
 
 
 def _point(result: dict[str, Any]) -> dict[str, Any]:

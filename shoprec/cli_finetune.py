@@ -60,6 +60,11 @@ def register(app: typer.Typer, friendly: Callable[[Any], Any]) -> None:
         device: str = typer.Option("auto", "--device", help="cpu | cuda | auto."),
         eval_every: int = typer.Option(25, "--eval-every", help="Optimiser steps between validations."),
         patience: int = typer.Option(3, "--patience", help="Validations without improvement before stopping."),
+        select_by: str = typer.Option(
+            "llm",
+            "--select-by",
+            help="Best checkpoint by validation NDCG@10 of: llm (the model alone) | fused (the served blend).",
+        ),
         valid_cases: int = typer.Option(200, "--valid-cases", help="Validation requests (curve, fusion weight)."),
         train_cases: int | None = typer.Option(None, "--train-cases", help="At most this many training cases."),
         positions: int = typer.Option(1, "--positions", help="Training targets per user."),
@@ -123,6 +128,7 @@ def register(app: typer.Typer, friendly: Callable[[Any], Any]) -> None:
                 eval_every=eval_every,
                 checkpoint_every=eval_every,
                 patience=patience,
+                select_by=select_by,  # type: ignore[arg-type]  # validated by pydantic
                 seed=seed,
                 progress=not as_json,
             )

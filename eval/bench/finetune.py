@@ -69,8 +69,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     ap.add_argument(
         "--finetune-args",
-        default="--rank 8 --alpha 16 --dropout 0 --lr 5e-4 --positions 4 --rank-loss labels --rank-examples 560 "
-        "--reasons-per-case 0 --batch 1 --grad-accum 8 --valid-cases 100 --eval-every 20 --patience 3 "
+        default="--rank 8 --alpha 16 --dropout 0 --lr 2e-3 --positions 4 --rank-loss labels --rank-examples 560 "
+        "--reasons-per-case 0 --batch 1 --grad-accum 8 --valid-cases 100 --eval-every 20 --patience 3 --select-by fused "
         "--reason-check 10 --threads 1 --max-per-category 0 "
         "--signals " + ",".join(SIGNALS),
         help="Flags passed to `shoprec finetune`.",
