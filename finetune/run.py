@@ -7,6 +7,7 @@ training target (`finetune.data.split_cases`), never on the index that serves: t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
@@ -102,7 +103,10 @@ def run(
     # ~4x longer on a CPU. The manifest records it, and serving renders the same (adapter_generator_settings).
     gen = generator or GeneratorConfig(reason_prompt="pick")
     out = Path(out)
-    ckpt = checkpoint_dir or Path("var") / "checkpoints" / out.name
+    # keyed by the whole output path: two runs writing adapters named alike (".../ml-100k/adapter",
+    # ".../office/adapter") from one folder must not share, and overwrite, each other's checkpoint
+    key = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:10]
+    ckpt = checkpoint_dir or Path("var") / "checkpoints" / f"{out.name}-{key}"
     name, items, interactions, complements = _load(opts)
     catalog = Catalog(items)
     split = split_cases(histories(interactions), positions=opts.positions)

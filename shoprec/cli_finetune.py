@@ -85,7 +85,9 @@ def register(app: typer.Typer, friendly: Callable[[Any], Any]) -> None:
         ),
         category_level: int = typer.Option(1, "--category-level", help="Category path level of the cap."),
         reason_check: int = typer.Option(20, "--reason-check", help="Validation requests whose reasons are checked."),
-        checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Default var/checkpoints/<out>."),
+        checkpoint_dir: Path | None = typer.Option(
+            None, "--checkpoint-dir", help="Default var/checkpoints/<out name>-<hash of the out path>."
+        ),
         resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of an interrupted run."),
         merged: bool = typer.Option(False, "--merged", help="Also write the merged model under OUT/merged."),
         seed: int = typer.Option(0, "--seed"),

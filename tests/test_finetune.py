@@ -444,3 +444,16 @@ def test_research_data_adapters_cannot_be_written_into_the_repo():
 
     r = CliRunner().invoke(app, ["finetune", "--data", "ml-100k", "--out", "generator/adapters/ml"])
     assert r.exit_code == 2 and "research-licensed" in r.output and "outside the repository" in r.output
+
+
+def test_checkpoint_selection_follows_the_configured_metric():
+    from finetune.train import TrainConfig, _selection_key
+
+    def res(llm, fused):
+        return {"llm": {"ndcg@10": [llm]}, "fused": {"ndcg@10": [fused]}}
+
+    alone, served = res(0.12, 0.12), res(0.10, 0.14)  # better model alone vs better served blend
+    assert _selection_key(alone, TrainConfig()) > _selection_key(served, TrainConfig())  # default: the model alone
+    by_fused = TrainConfig(select_by="fused")
+    assert _selection_key(served, by_fused) > _selection_key(alone, by_fused)
+    assert _selection_key(res(0.11, 0.14), by_fused) > _selection_key(served, by_fused)  # tie: the better model
