@@ -28,7 +28,8 @@ def test_readme_sections_come_from_the_json(tmp_path: Path) -> None:
         "dataset": "ml-100k",
         "adapter_manifest": {
             "peft": {"rank": 8, "target_modules": "all-linear"},
-            "train_config": {"lr": 5e-4},
+            "train_config": {"lr": 5e-4, "select_by": "fused"},
+            "data": {"options": {"rank_loss": "labels"}, "examples": {"examples": 560}},
             "fusion": {"llm_weight": 0.0},
             "validation": {"best": {"retrieval": {"ndcg@10": [0.1175]}, "llm": {"ndcg@10": [0.1109]}}},
             "reasons": {"confirmed": 47, "checked": 50},
@@ -51,7 +52,8 @@ def test_readme_sections_come_from_the_json(tmp_path: Path) -> None:
     assert stale not in text and text.startswith("intro\n") and text.endswith("end\n")
     assert "| ml-100k | fusion | 0.1454 [0.135, 0.155]" in text
     assert "| ml-100k | tuned LLM alone | 0.1321" in text  # the fine-tuning run's rows join the eval table
-    assert "160 steps; 2622.6 s" in text and "47/50" in text and "Resumed once." in text
+    assert "listwise label loss on 560 examples, lr 0.0005, 160 steps (best checkpoint by fused" in text
+    assert "NDCG@10); 2622.6 s" in text and "47/50" in text and "Resumed once." in text
     assert "| SASRec | 0.6012 [0.591, 0.611] |" in text  # the LLMRank part
     assert "code `abc1234 (exported copy)`" in text
 

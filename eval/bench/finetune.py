@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument(
         "--finetune-args",
         default="--rank 8 --alpha 16 --dropout 0 --lr 2e-3 --positions 4 --rank-loss labels --rank-examples 560 "
-        "--reasons-per-case 0 --batch 1 --grad-accum 8 --valid-cases 100 --eval-every 20 --patience 3 --select-by fused "
-        "--reason-check 10 --threads 1 --max-per-category 0 "
+        "--reasons-per-case 0 --batch 1 --grad-accum 8 --valid-cases 100 --eval-every 20 --patience 3 "
+        "--select-by fused --reason-check 10 --threads 1 --max-per-category 0 "
         "--signals " + ",".join(SIGNALS),
         help="Flags passed to `shoprec finetune`.",
     )
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "dataset": args.data,
             "adapter_manifest": {
                 k: manifest[k]
-                for k in ("peft", "train_config", "fusion", "validation", "reasons", "steps", "train_seconds")
+                for k in ("peft", "train_config", "data", "fusion", "validation", "reasons", "steps", "train_seconds")
                 if k in manifest
             },
             "curve": json.loads((adapter / "validation_curve.json").read_text(encoding="utf-8")),

@@ -115,10 +115,15 @@ def finetune_table(results: Path = RESULTS) -> str | None:
         v = m["validation"]["best"]
         reasons = m.get("reasons", {})
         seconds = m.get("train_seconds", r.get("train_seconds", "?"))
+        opts = m.get("data", {}).get("options", {})
+        loss = {"labels": "listwise label loss", "answer": "answer-text loss"}.get(opts.get("rank_loss", "answer"))
+        n_ex = m.get("data", {}).get("examples", {}).get("examples")
         out.append(
-            f"**{r['dataset']}** — LoRA r={m['peft']['rank']} on {m['peft']['target_modules']}, lr "
-            f"{m['train_config']['lr']}, {m.get('steps', '?')} steps; {seconds} s of training and validation on "
-            f"this box; "
+            f"**{r['dataset']}** — LoRA r={m['peft']['rank']} on {m['peft']['target_modules']}, {loss}"
+            + (f" on {n_ex} examples" if n_ex else "")
+            + f", lr {m['train_config']['lr']}, {m.get('steps', '?')} steps"
+            + f" (best checkpoint by {m['train_config'].get('select_by', 'llm')} validation NDCG@10)"
+            + f"; {seconds} s of training and validation on this box; "
             f"validation NDCG@10 retrieval {v['retrieval']['ndcg@10'][0]:.4f}, tuned LLM {v['llm']['ndcg@10'][0]:.4f}, "
             f"fitted blend weight {m['fusion']['llm_weight']:g}; reasons citing confirmed evidence: "
             f"{reasons.get('confirmed', '?')}/{reasons.get('checked', '?')}."
