@@ -211,8 +211,11 @@ def summary_table(results: Sequence[Mapping[str, Any]]) -> str:
     lines = [HEADER.replace("| system |", "| dataset | system |").replace("|---|", "|---|---|", 1)]
     notes = []
     for r in results:
+        # a run over every test user (e.g. a fusion-only curve) sits next to the 200-user runs: say so in the row
+        everyone = r["test_users"] == r["test_users_total"] and r["test_users"] > 200
+        label = f"{r['dataset']} (all {r['test_users']} users)" if everyone else r["dataset"]
         for row in system_rows(r):
-            lines.append(f"| {r['dataset']} {row}")
+            lines.append(f"| {label} {row}")
         notes.append(
             f"- {r['dataset']}: {r['protocol']} protocol, {r['test_users']} of {r['test_users_total']} test users, "
             f"categories at level {r['category_level']}, {r.get('seconds')} s; "
