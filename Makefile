@@ -80,7 +80,8 @@ bench-scale: $(STAMP)
 # Reproduces the demo adapter shipped in generator/adapters/demo (trained on the synthetic demo shop ONLY; ~20 CPU-min
 # on 1 thread of this box, longer when the cores are shared). It teaches the 135M model grounded one-line reasons.
 FINETUNE_DEMO := --data demo --rank 4 --alpha 8 --dropout 0 --lr 1e-3 --train-cases 200 --rank-examples 24 \
-	--reasons-per-case 3 --valid-cases 24 --eval-every 30 --patience 3 --reason-check 8 --threads 1 --seed 0
+	--reasons-per-case 3 --valid-cases 24 --eval-every 30 --patience 3 --reason-check 8 --threads 1 --seed 0 \
+	--batch 4 --grad-accum 2  # the batching the shipped adapter was trained with (the CLI default is now 1 x 8)
 finetune-demo: $(STAMP)
 	$(BIN)/shoprec finetune $(FINETUNE_DEMO) --out generator/adapters/demo
 
