@@ -212,7 +212,7 @@ def summary_table(results: Sequence[Mapping[str, Any]]) -> str:
     notes = []
     for r in results:
         # a run over every test user (e.g. a fusion-only curve) sits next to the 200-user runs: say so in the row
-        everyone = r["test_users"] == r["test_users_total"] and r["test_users"] > 200
+        everyone = r["test_users"] == r["test_users_total"]
         label = f"{r['dataset']} (all {r['test_users']} users)" if everyone else r["dataset"]
         for row in system_rows(r):
             lines.append(f"| {label} {row}")

@@ -16,6 +16,7 @@ loss of a batch without any answer token is 0 with no gradient, never NaN.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -24,13 +25,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import SimpleNamespace
+from typing import Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from finetune.data import Example, answer_token_ids
 from finetune.fusion import DEFAULT_GRID, ScoredCase, fit_llm_weight, metrics
+from generator.backends.base import TokenizerInfo, check_single_token_labels
 from generator.recommender import Prepared, Recommender
 
 IGNORE = -100  # label of a position that carries no loss (prompt, padding)
@@ -118,10 +121,13 @@ def encode(tokenizer: Any, example: Example, max_length: int) -> Encoded:
     """
     prompt = tokenizer.encode(example.prompt, add_special_tokens=False)
     if example.kind == "label":
-        choices = tuple(_single_token(tokenizer, label) for label in example.choices)
-        answer_id = _single_token(tokenizer, example.answer)
-        if answer_id not in choices:
+        if example.answer not in example.choices:
             raise ValueError(f"label example: the answer {example.answer!r} is not among its choices {example.choices}")
+        # the serving check of label ids (one token each), on the tokenizer without special tokens, as prompts are
+        encode_plain = functools.partial(tokenizer.encode, add_special_tokens=False)
+        plain = cast(TokenizerInfo, SimpleNamespace(encode=encode_plain))
+        choices = tuple(check_single_token_labels(plain, example.choices))
+        answer_id = choices[example.choices.index(example.answer)]
         if len(prompt) >= max_length:
             return Encoded(prompt[:max_length], [IGNORE] * max_length, example.kind, choices)
         return Encoded(prompt + [answer_id], [IGNORE] * len(prompt) + [answer_id], example.kind, choices)
@@ -130,13 +136,6 @@ def encode(tokenizer: Any, example: Example, max_length: int) -> Encoded:
     ids = (prompt + answer)[:max_length]
     labels = ([IGNORE] * len(prompt) + answer)[:max_length]
     return Encoded(ids, labels, example.kind)
-
-
-def _single_token(tokenizer: Any, label: str) -> int:
-    ids = tokenizer.encode(label, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"label {label!r} is {len(ids)} tokens; one-pass scoring needs single-token labels")
-    return int(ids[0])
 
 
 def masked_lm_loss(logits: Any, targets: Any) -> tuple[Any, int]:
