@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument(
         "--finetune-args",
         default="--rank 8 --alpha 16 --dropout 0 --lr 5e-4 --positions 2 --rank-examples 600 --reasons-per-case 1 "
-        "--epochs 0.65 --batch 1 --grad-accum 8 --valid-cases 100 --eval-every 52 --patience 3 --select-by fused --reason-check 10 "
-        "--threads 1 --max-per-category 0 "
+        "--epochs 0.65 --batch 1 --grad-accum 8 --valid-cases 100 --eval-every 52 --patience 3 --select-by fused "
+        "--reason-check 10 --threads 1 --max-per-category 0 "
         "--signals " + ",".join(SIGNALS),
         help="Flags passed to `shoprec finetune`.",
     )
