@@ -75,6 +75,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--signals " + ",".join(SIGNALS),
         help="Flags passed to `shoprec finetune`.",
     )
+    ap.add_argument(
+        "--finetune-extra",
+        default="",
+        help="Flags appended to --finetune-args; a flag given twice takes the later value (e.g. '--max-steps 64').",
+    )
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     if set(parts) - set(PARTS):
@@ -89,7 +94,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out.exists():
         result = json.loads(args.out.read_text(encoding="utf-8"))
     if not args.skip_train:
-        cmd = [*shoprec, "finetune", "--data", args.data, "--out", str(adapter), *args.finetune_args.split()]
+        cmd = [
+            *shoprec,
+            "finetune",
+            "--data",
+            args.data,
+            "--out",
+            str(adapter),
+            *args.finetune_args.split(),
+            *args.finetune_extra.split(),
+        ]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         result["train_seconds"] = round(time.perf_counter() - t0, 1)
