@@ -36,6 +36,8 @@ def test_readme_sections_come_from_the_json(tmp_path: Path) -> None:
             "steps": 160,
             "train_seconds": 2622.6,
         },
+        "train_seconds": 2790.1,
+        "curve": [{"step": 0, "llm_ndcg@10": 0.1054}, {"step": 52, "llm_ndcg@10": 0.0923}],
         "eval": _run("ml-100k", {"tuned LLM alone": _system(0.1321, "llm")}),
         "llmrank": _run("ml-100k", {"SASRec": _system(0.6012, "sasrec")}),
         "note": "Resumed once.",
@@ -54,6 +56,8 @@ def test_readme_sections_come_from_the_json(tmp_path: Path) -> None:
     assert "| ml-100k | tuned LLM alone | 0.1321" in text  # the fine-tuning run's rows join the eval table
     assert "listwise label loss on 560 examples, lr 0.0005, 160 steps (best checkpoint by fused" in text
     assert "NDCG@10); 2622.6 s" in text and "47/50" in text and "Resumed once." in text
+    assert "(2790.1 s for the whole `shoprec finetune` command)" in text
+    assert "by step: 0: 0.1054, 52: 0.0923." in text
     assert "| SASRec | 0.6012 [0.591, 0.611] |" in text  # the LLMRank part
     assert "code `abc1234 (exported copy)`" in text
 

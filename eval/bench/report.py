@@ -98,6 +98,12 @@ def eval_table(results: Path = RESULTS) -> str | None:
     return table
 
 
+def _curve(curve: list[dict[str, Any]]) -> str:
+    """The validation curve in one sentence: the model alone's NDCG@10 at each validated step."""
+    points = [f"{p['step']}: {p['llm_ndcg@10']:.4f}" for p in curve if p.get("llm_ndcg@10") is not None]
+    return f" Validation curve, tuned LLM alone NDCG@10 by step: {', '.join(points)}." if points else ""
+
+
 def finetune_table(results: Path = RESULTS) -> str | None:
     """Per fine-tuning run (eval/bench/finetune.py): training, then each protocol's rows with 95% CIs."""
     files = sorted(results.glob("finetune-*.json"), key=lambda p: (p.stem != "finetune-ml-100k", p.stem))
@@ -123,10 +129,13 @@ def finetune_table(results: Path = RESULTS) -> str | None:
             + (f" on {n_ex} examples" if n_ex else "")
             + f", lr {m['train_config']['lr']}, {m.get('steps', '?')} steps"
             + f" (best checkpoint by {m['train_config'].get('select_by', 'llm')} validation NDCG@10)"
-            + f"; {seconds} s of training and validation on this box; "
+            + f"; {seconds} s of training and validation on this box"
+            + (f" ({r['train_seconds']} s for the whole `shoprec finetune` command)" if "train_seconds" in r else "")
+            + "; "
             f"validation NDCG@10 retrieval {v['retrieval']['ndcg@10'][0]:.4f}, tuned LLM {v['llm']['ndcg@10'][0]:.4f}, "
             f"fitted blend weight {m['fusion']['llm_weight']:g}; reasons citing confirmed evidence: "
             f"{reasons.get('confirmed', '?')}/{reasons.get('checked', '?')}."
+            + _curve(r.get("curve", []))
             + (f" {r['note']}" if r.get("note") else "")
         )
         out.append("")
