@@ -109,6 +109,8 @@ def verdict(c: dict[str, Any]) -> str:
     significant = c["p_permutation"] < ALPHA and (lo > 0 or hi < 0)
     rel = f" ({c['relative']:+.1%} relative)" if c["relative"] is not None else ""
     stats = f"95% CI [{lo:+.4f}, {hi:+.4f}], paired permutation p={c['p_permutation']:.3g}, n={c['n']}"
+    if c["ties"] == c["n"]:  # a CI and an MDE of exactly 0 say less than this
+        return f"no detectable difference on {m}: the same value for every one of the {c['n']} users (B − A = 0)"
     if significant:
         who = "B better" if c["diff"] > 0 else "B worse"
         return f"{who} on {m} by {c['diff']:+.4f}{rel}, {stats}"

@@ -38,7 +38,15 @@ def test_readme_sections_come_from_the_json(tmp_path: Path) -> None:
         },
         "train_seconds": 2790.1,
         "curve": [{"step": 0, "llm_ndcg@10": 0.1054}, {"step": 52, "llm_ndcg@10": 0.0923}],
-        "eval": _run("ml-100k", {"tuned LLM alone": _system(0.1321, "llm")}),
+        "eval": _run(
+            "ml-100k",
+            {
+                "retrieval order": {**_system(0.5), "per_user": {"ndcg@10": [1.0, 0.0] * 20}},
+                "tuned LLM + fusion (w=0)": {**_system(0.5, "llm"), "per_user": {"ndcg@10": [1.0, 0.0] * 20}},
+                "untuned LLM": {**_system(0.5, "llm"), "per_user": {"ndcg@10": [1.0, 0.0] * 20}},
+                "tuned LLM alone": {**_system(0.1321, "llm"), "per_user": {"ndcg@10": [0.0, 0.0] * 20}},
+            },
+        ),
         "llmrank": _run("ml-100k", {"SASRec": _system(0.6012, "sasrec")}),
         "note": "Resumed once.",
     }
@@ -59,6 +67,14 @@ def test_readme_sections_come_from_the_json(tmp_path: Path) -> None:
     assert "(2790.1 s for the whole `shoprec finetune` command)" in text
     assert "by step: 0: 0.1054, 52: 0.0923." in text
     assert "| SASRec | 0.6012 [0.591, 0.611] |" in text  # the LLMRank part
+    # the targets as paired tests on the same users: the blend that serves retrieval order is identical to it;
+    # a tuned model that loses every user the untuned one won is called worse, with its direction
+    assert (
+        "- tuned LLM + fusion (w=0) vs retrieval order (B vs A): no detectable difference on NDCG@10: the same "
+        "value for every one of the 40 users" in text
+    )
+    assert "- tuned LLM alone vs untuned LLM (B vs A): B worse on NDCG@10 by -0.5000" in text
+    assert "SASRec (B vs A)" not in text  # SASRec is only in the LLMRank part, with no per-user values here
     assert "code `abc1234 (exported copy)`" in text
 
 

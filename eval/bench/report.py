@@ -150,7 +150,36 @@ def finetune_table(results: Path = RESULTS) -> str | None:
             for name, s in run["systems"].items():
                 out.append(f"| {name} | {_ci(s['metrics']['ndcg@10'])} | {_ci(s['metrics']['recall@10'])} |")
             out.append("")
+            out += _target_tests(run["systems"])
     return "\n".join(out)
+
+
+# The issue's targets as paired tests on the same users (A, B): the served blend against the order it re-ranks,
+# the tuned model against the untuned one, and against the sequential baseline on LLMRank's candidates.
+_PAIRS = (
+    ("retrieval order", "tuned LLM + fusion"),
+    ("untuned LLM", "tuned LLM alone"),
+    ("SASRec", "tuned LLM alone"),
+)
+
+
+def _target_tests(systems: dict[str, Any]) -> list[str]:
+    """One line per target pair present in a run: B vs A on NDCG@10, paired CI and test (eval/ab.py)."""
+    from eval.ab import compare
+
+    def find(prefix: str) -> str | None:
+        # exact name, or the name with a suffix such as "(w=0)"; never a "+ new-item places" variant
+        names = [n for n in systems if (n == prefix or n.startswith(prefix + " (")) and "places" not in n]
+        return names[0] if names else None
+
+    lines = []
+    for a_prefix, b_prefix in _PAIRS:
+        a, b = find(a_prefix), find(b_prefix)
+        values = [systems[n].get("per_user", {}).get("ndcg@10") for n in (a, b) if n]
+        if a is None or b is None or None in values:
+            continue
+        lines.append(f"- {b} vs {a} (B vs A): {compare(values[0], values[1])['verdict']}.")
+    return [*lines, ""] if lines else []
 
 
 def generator_table(r: dict[str, Any]) -> str:
