@@ -176,7 +176,11 @@ def run(
         "fusion": {"llm_weight": w, "grid_ndcg@10": result.best_eval["ndcg_by_weight"]},
         "validation": {
             "untuned": result.untuned_eval,
-            "best": {k: result.best_eval[k] for k in ("retrieval", "llm", "fused", "llm_weight", "cases", "retrieved")},
+            "best": {
+                k: result.best_eval[k]
+                for k in ("step", "retrieval", "llm", "fused", "llm_weight", "cases", "retrieved")
+                if k in result.best_eval  # "step": absent from a checkpoint of an older version
+            },
         },
         "reasons": reasons,
         "steps": result.steps,
@@ -193,7 +197,11 @@ def run(
     }
     export(result.model, out, manifest, curve=result.curve, merged=merged)
     shutil.rmtree(ckpt, ignore_errors=True)  # the run finished: nothing left to resume
-    log(f"adapter written to {out} (fused weight {w:g}; {result.steps} steps, {result.seconds:.0f}s training)")
+    chosen = result.best_eval.get("step")
+    log(
+        f"adapter written to {out} (weights of step {chosen}{' = the untuned model' if chosen == 0 else ''}; "
+        f"fused weight {w:g}; {result.steps} steps, {result.seconds:.0f}s training)"
+    )
     return manifest
 
 

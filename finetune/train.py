@@ -75,7 +75,8 @@ class TrainConfig(BaseModel):
         default="llm",
         description="Which validation NDCG@10 picks the best checkpoint (and drives early stopping): 'llm' = the "
         "tuned model alone; 'fused' = what serving ranks by, the blend with the weight fitted at that checkpoint "
-        "(ties: the better model alone).",
+        "(ties: the better model alone), the untuned weights included: training that never beats them exports "
+        "them.",
     )
     checkpoint_every: int = Field(default=25, ge=1, description="Optimiser steps between resumable checkpoints.")
     seed: int = Field(default=0, description="Seeds LoRA init, dropout and batch order.")
@@ -419,6 +420,11 @@ def train(
         first = validate()
         curve.append({"step": 0, "loss": None, **_point(first)})
         log(f"step 0 (untuned): {_summary(first)}")
+        if cfg.select_by == "fused":
+            # What serving ranks by is the judge, so the untuned weights (LoRA's B starts at 0: the base model
+            # exactly) are a candidate too: training that never beats them exports them, with their fitted blend.
+            best = {**first, "step": 0}
+            best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     untuned = {**curve[0]}
 
     def save_checkpoint() -> None:
@@ -466,10 +472,10 @@ def train(
                 curve.append(
                     {"step": step, "loss": round(float(np.mean(losses[-cfg.eval_every :])), 4), **_point(result)}
                 )
-                # the best TRAINED weights: the untuned model is the baseline, not a candidate (it writes no
-                # usable reasons, whatever its ranking)
+                # select_by="llm" keeps the best TRAINED weights (the untuned model alone is the baseline it must
+                # beat, not a candidate); "fused" started from the untuned weights above
                 if best is None or _selection_key(result, cfg) > _selection_key(best, cfg):
-                    best, bad = result, 0
+                    best, bad = {**result, "step": step}, 0
                     best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
                 else:
                     bad += 1
@@ -486,7 +492,7 @@ def train(
         set_peft_model_state_dict(model, best_state)
     model.eval()
     if best is None:  # no validation after training (e.g. resumed at the end): evaluate the final weights
-        best = evaluate(recommender, valid, cfg)
+        best = {**evaluate(recommender, valid, cfg), "step": step}
     return TrainResult(model, best, untuned, curve, step, time.perf_counter() - t0, stats)
 
 

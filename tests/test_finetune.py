@@ -420,6 +420,53 @@ def test_an_interrupted_run_resumes_to_the_same_weights(small_shop, split, tmp_p
         torch.testing.assert_close(resumed[name], weight, atol=1e-6, rtol=1e-5)
 
 
+def test_selection_by_the_served_blend_keeps_the_untuned_weights_when_training_never_beats_them(
+    small_shop, split, tmp_path, monkeypatch
+):
+    """select_by='fused': step 0 is a candidate, so a run whose trained checkpoints validate worse exports the
+    untuned weights (LoRA's B still 0) and says so; one that validates better exports the trained ones."""
+    import torch
+
+    import finetune.train as train_mod
+    from finetune.train import TrainConfig, load_trainable, prepare_validation, train
+    from generator.backends.transformers_backend import TransformersBackend
+    from generator.model import ModelSpec, resolve_model_path
+
+    def scripted(fused_by_call):
+        calls = iter(fused_by_call)
+
+        def evaluate(*_args, **_kwargs):
+            f = next(calls)
+            point = {"ndcg@10": [f, f, f], "recall@10": [f, f, f]}
+            return {"retrieval": point, "llm": point, "fused": point, "llm_weight": 0.5, "cases": 2}
+
+        return evaluate
+
+    catalog = Catalog(small_shop.items)
+    signals = fit_signals(catalog, split.retriever_histories, ("popularity", "itemknn"))
+    cfg = TrainConfig(
+        max_steps=2, batch_size=2, grad_accum=1, eval_every=1, rank=4, alpha=8, dropout=0.0, lr=1e-3,
+        select_by="fused", progress=False,
+    )  # fmt: skip
+    model, tok = load_trainable(resolve_model_path(ModelSpec()), cfg)
+    rec = Recommender(
+        FusionRetriever(catalog, list(signals.values())),
+        catalog,
+        TransformersBackend.from_loaded(model, tok),
+        config=GeneratorConfig(n_candidates=8),
+    )
+    examples, _ = build_examples(rec, sample_cases(split.train, 40, 0), reasons_per_case=1, rank_examples=0)
+    valid = prepare_validation(rec, split.valid[:2])
+    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    # the first run ends on its starting weights, so the second one starts from the untuned model too
+    for fused, chosen in (([0.3, 0.2, 0.1], 0), ([0.1, 0.2, 0.3], 2)):
+        monkeypatch.setattr(train_mod, "evaluate", scripted(fused))
+        result = train(rec, model, tok, examples[:4], valid, cfg, tmp_path / str(chosen))
+        assert result.steps == 2 and result.best_eval["step"] == chosen
+        same = all(torch.equal(before[k], v) for k, v in model.named_parameters() if v.requires_grad)
+        assert same == (chosen == 0)  # untuned chosen: exactly the starting weights; else the trained ones
+
+
 # --- the command line --------------------------------------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ def test_readme_sections_come_from_the_json(tmp_path: Path) -> None:
             "train_config": {"lr": 5e-4, "select_by": "fused"},
             "data": {"options": {"rank_loss": "labels"}, "examples": {"examples": 560}},
             "fusion": {"llm_weight": 0.0},
-            "validation": {"best": {"retrieval": {"ndcg@10": [0.1175]}, "llm": {"ndcg@10": [0.1109]}}},
+            "validation": {"best": {"step": 0, "retrieval": {"ndcg@10": [0.1175]}, "llm": {"ndcg@10": [0.1109]}}},
             "reasons": {"confirmed": 47, "checked": 50},
             "steps": 160,
             "train_seconds": 2622.6,
@@ -63,7 +63,8 @@ def test_readme_sections_come_from_the_json(tmp_path: Path) -> None:
     assert "| ml-100k | fusion | 0.1454 [0.135, 0.155]" in text
     assert "| ml-100k | tuned LLM alone | 0.1321" in text  # the fine-tuning run's rows join the eval table
     assert "listwise label loss on 560 examples, lr 0.0005, 160 steps (best checkpoint by fused" in text
-    assert "NDCG@10); 2622.6 s" in text and "47/50" in text and "Resumed once." in text
+    assert "validation NDCG@10: step 0, the untuned weights); 2622.6 s" in text
+    assert "47/50" in text and "Resumed once." in text
     assert "(2790.1 s for the whole `shoprec finetune` command)" in text
     assert "by step: 0: 0.1054, 52: 0.0923." in text
     assert "| SASRec | 0.6012 [0.591, 0.611] |" in text  # the LLMRank part

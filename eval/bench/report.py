@@ -128,7 +128,9 @@ def finetune_table(results: Path = RESULTS) -> str | None:
             f"**{r['dataset']}** — LoRA r={m['peft']['rank']} on {m['peft']['target_modules']}, {loss}"
             + (f" on {n_ex} examples" if n_ex else "")
             + f", lr {m['train_config']['lr']}, {m.get('steps', '?')} steps"
-            + f" (best checkpoint by {m['train_config'].get('select_by', 'llm')} validation NDCG@10)"
+            + f" (best checkpoint by {m['train_config'].get('select_by', 'llm')} validation NDCG@10"
+            + (f": step {v['step']}" + (", the untuned weights" if v["step"] == 0 else "") if "step" in v else "")
+            + ")"
             + f"; {seconds} s of training and validation on this box"
             + (f" ({r['train_seconds']} s for the whole `shoprec finetune` command)" if "train_seconds" in r else "")
             + "; "
