@@ -8,6 +8,8 @@ ranking worse than retrieval order (up to the noise of the validation sample). T
 Small validation samples are noisy (a demo run validates on 24 users, of whom ~8 have their target among the
 candidates), so the best weight is kept only if its per-user gain over ``w = 0`` is at least `min_gain_se`
 standard errors (paired over the same users); otherwise ``w = 0``: retrieval order, with the LLM's reasons.
+The default is 2: the best of a grid is the luckiest of ~10 draws. At 1 SE an untuned SmolLM2 kept w = 0.6 on
+100 Office validation users (+4.3% NDCG@10) and then scored 11% below retrieval order on 200 test users.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def metrics(cases: Sequence[ScoredCase], w: float, *, seed: int = 0) -> dict[str
 
 
 def fit_llm_weight(
-    cases: Sequence[ScoredCase], grid: Sequence[float] = DEFAULT_GRID, *, min_gain_se: float = 1.0
+    cases: Sequence[ScoredCase], grid: Sequence[float] = DEFAULT_GRID, *, min_gain_se: float = 2.0
 ) -> tuple[float, dict[str, float]]:
     """The grid weight with the best mean NDCG@10 (the smallest on ties) if its gain over w = 0 is at least
     `min_gain_se` standard errors, else 0; and the NDCG@10 of every grid point."""

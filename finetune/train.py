@@ -81,6 +81,12 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(default=25, ge=1, description="Optimiser steps between resumable checkpoints.")
     seed: int = Field(default=0, description="Seeds LoRA init, dropout and batch order.")
     fusion_grid: tuple[float, ...] = Field(default=DEFAULT_GRID, description="LLM weights tried when fitting fusion.")
+    fusion_min_gain_se: float = Field(
+        default=2.0,
+        ge=0,
+        description="A fitted LLM weight is kept only if its validation gain over retrieval order is at least this "
+        "many standard errors (paired per user); else the weight is 0.",
+    )
     progress: bool = Field(default=True, description="Show a tqdm bar with loss and ETA.")
 
     @field_validator("target_modules")
@@ -270,7 +276,7 @@ def score_validation(recommender: Recommender, valid: ValidationSet, batch: int)
 def evaluate(recommender: Recommender, valid: ValidationSet, cfg: TrainConfig) -> dict[str, Any]:
     """Retrieval order, the LLM alone, and the fitted blend on the validation requests (NDCG/Recall@10, CIs)."""
     scored = score_validation(recommender, valid, cfg.eval_batch)
-    w, curve = fit_llm_weight(scored, cfg.fusion_grid)
+    w, curve = fit_llm_weight(scored, cfg.fusion_grid, min_gain_se=cfg.fusion_min_gain_se)
     return {
         "retrieval": metrics(scored, 0.0),
         "llm": metrics(scored, 1.0),

@@ -66,6 +66,11 @@ def register(app: typer.Typer, friendly: Callable[[Any], Any]) -> None:
             help="Best checkpoint by validation NDCG@10 of: llm (the model alone) | fused (the served blend).",
         ),
         valid_cases: int = typer.Option(200, "--valid-cases", help="Validation requests (curve, fusion weight)."),
+        fusion_min_gain_se: float = typer.Option(
+            2.0,
+            "--fusion-min-gain-se",
+            help="Keep a fitted LLM weight only if its validation gain is at least this many standard errors.",
+        ),
         train_cases: int | None = typer.Option(None, "--train-cases", help="At most this many training cases."),
         positions: int = typer.Option(1, "--positions", help="Training targets per user."),
         reasons_per_case: int = typer.Option(2, "--reasons-per-case", help="Reason examples per case."),
@@ -131,6 +136,7 @@ def register(app: typer.Typer, friendly: Callable[[Any], Any]) -> None:
                 checkpoint_every=eval_every,
                 patience=patience,
                 select_by=select_by,  # type: ignore[arg-type]  # validated by pydantic
+                fusion_min_gain_se=fusion_min_gain_se,
                 seed=seed,
                 progress=not as_json,
             )

@@ -289,6 +289,11 @@ def test_fusion_weight_is_zero_when_the_llm_hurts_and_one_when_it_helps():
         + [ScoredCase(np.array([0.0, 9.0, 0.0, 0.0, 0.0]), retrieval, 0)]
     )
     assert fit_llm_weight(lucky)[0] == 0.0 and fit_llm_weight(lucky, min_gain_se=0.0)[0] > 0
+    # 2 of 10 users gain, 8 unmoved: a gain of 1.5 standard errors, kept at 1 SE, not at the default 2
+    some = [ScoredCase(np.array([0.0, 0.0, 5.0, 0.0, 0.0]), retrieval, 2)] * 2 + [
+        ScoredCase(np.zeros(5), retrieval, None)
+    ] * 8
+    assert fit_llm_weight(some)[0] == 0.0 and fit_llm_weight(some, min_gain_se=1.0)[0] == 0.5
     missed = [ScoredCase(np.zeros(5), retrieval, None)]
     assert ranks(missed, 0.5)[0] == math.inf
     assert fit_llm_weight(missed)[0] == 0.0  # all ties: the smallest weight
