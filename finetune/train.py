@@ -480,7 +480,7 @@ def train(
                 )
                 # select_by="llm" keeps the best TRAINED weights (the untuned model alone is the baseline it must
                 # beat, not a candidate); "fused" started from the untuned weights above
-                if best is None or _selection_key(result, cfg) > _selection_key(best, cfg):
+                if _better(result, best, cfg):
                     best, bad = {**result, "step": step}, 0
                     best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
                 else:
@@ -500,6 +500,17 @@ def train(
     if best is None:  # no validation after training (e.g. resumed at the end): evaluate the final weights
         best = {**evaluate(recommender, valid, cfg), "step": step}
     return TrainResult(model, best, untuned, curve, step, time.perf_counter() - t0, stats)
+
+
+def _better(result: dict[str, Any], best: dict[str, Any] | None, cfg: TrainConfig) -> bool:
+    """Whether a trained checkpoint's validation `result` replaces the `best` so far."""
+    if best is None:
+        return True
+    if best.get("step") == 0:
+        # The untuned weights stay only while they serve strictly better: on a tie in what serving ranks by, the
+        # trained weights win (they also learned the answer format and the reasons).
+        return float(result["fused"]["ndcg@10"][0]) >= float(best["fused"]["ndcg@10"][0])
+    return _selection_key(result, cfg) > _selection_key(best, cfg)
 
 
 def _selection_key(result: dict[str, Any], cfg: TrainConfig) -> tuple[float, ...]:

@@ -463,8 +463,9 @@ def test_selection_by_the_served_blend_keeps_the_untuned_weights_when_training_n
     examples, _ = build_examples(rec, sample_cases(split.train, 40, 0), reasons_per_case=1, rank_examples=0)
     valid = prepare_validation(rec, split.valid[:2])
     before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    # the first run ends on its starting weights, so the second one starts from the untuned model too
-    for fused, chosen in (([0.3, 0.2, 0.1], 0), ([0.1, 0.2, 0.3], 2)):
+    # the first run ends on its starting weights, so the second one starts from the untuned model too; last, a tie
+    # with the starting blend goes to the first trained checkpoint
+    for fused, chosen in (([0.3, 0.2, 0.1], 0), ([0.1, 0.2, 0.3], 2), ([0.2, 0.2, 0.2], 1)):
         monkeypatch.setattr(train_mod, "evaluate", scripted(fused))
         result = train(rec, model, tok, examples[:4], valid, cfg, tmp_path / str(chosen))
         assert result.steps == 2 and result.best_eval["step"] == chosen
