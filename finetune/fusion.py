@@ -24,6 +24,7 @@ from eval.metrics import bootstrap_ci, ndcg_at_k, recall_at_k
 from generator.recommender import blend_scores
 
 DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+MIN_GAIN_SE = 2.0  # see the module docstring
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def metrics(cases: Sequence[ScoredCase], w: float, *, seed: int = 0) -> dict[str
 
 
 def fit_llm_weight(
-    cases: Sequence[ScoredCase], grid: Sequence[float] = DEFAULT_GRID, *, min_gain_se: float = 2.0
+    cases: Sequence[ScoredCase], grid: Sequence[float] = DEFAULT_GRID, *, min_gain_se: float = MIN_GAIN_SE
 ) -> tuple[float, dict[str, float]]:
     """The grid weight with the best mean NDCG@10 (the smallest on ties) if its gain over w = 0 is at least
     `min_gain_se` standard errors, else 0; and the NDCG@10 of every grid point."""

@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from finetune.data import Example, answer_token_ids
-from finetune.fusion import DEFAULT_GRID, ScoredCase, fit_llm_weight, metrics
+from finetune.fusion import DEFAULT_GRID, MIN_GAIN_SE, ScoredCase, fit_llm_weight, metrics
 from generator.backends.base import TokenizerInfo, check_single_token_labels
 from generator.recommender import Prepared, Recommender
 
@@ -82,7 +82,7 @@ class TrainConfig(BaseModel):
     seed: int = Field(default=0, description="Seeds LoRA init, dropout and batch order.")
     fusion_grid: tuple[float, ...] = Field(default=DEFAULT_GRID, description="LLM weights tried when fitting fusion.")
     fusion_min_gain_se: float = Field(
-        default=2.0,
+        default=MIN_GAIN_SE,
         ge=0,
         description="A fitted LLM weight is kept only if its validation gain over retrieval order is at least this "
         "many standard errors (paired per user); else the weight is 0.",
@@ -480,8 +480,9 @@ def train(
                 )
                 # select_by="llm" keeps the best TRAINED weights (the untuned model alone is the baseline it must
                 # beat, not a candidate); "fused" started from the untuned weights above
-                if _better(result, best, cfg):
-                    best, bad = {**result, "step": step}, 0
+                result = {**result, "step": step}
+                if best is None or _selection_key(result, cfg) > _selection_key(best, cfg):
+                    best, bad = result, 0
                     best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
                 else:
                     bad += 1
@@ -502,20 +503,13 @@ def train(
     return TrainResult(model, best, untuned, curve, step, time.perf_counter() - t0, stats)
 
 
-def _better(result: dict[str, Any], best: dict[str, Any] | None, cfg: TrainConfig) -> bool:
-    """Whether a trained checkpoint's validation `result` replaces the `best` so far."""
-    if best is None:
-        return True
-    if best.get("step") == 0:
-        # The untuned weights stay only while they serve strictly better: on a tie in what serving ranks by, the
-        # trained weights win (they also learned the answer format and the reasons).
-        return float(result["fused"]["ndcg@10"][0]) >= float(best["fused"]["ndcg@10"][0])
-    return _selection_key(result, cfg) > _selection_key(best, cfg)
-
-
 def _selection_key(result: dict[str, Any], cfg: TrainConfig) -> tuple[float, ...]:
     llm = float(result["llm"]["ndcg@10"][0])
-    return (float(result["fused"]["ndcg@10"][0]), llm) if cfg.select_by == "fused" else (llm,)
+    if cfg.select_by == "llm":
+        return (llm,)
+    # on a tie in what serving ranks by, trained weights beat the untuned ones (step 0: they also learned the
+    # answer format and the reasons), then the better model alone
+    return (float(result["fused"]["ndcg@10"][0]), float(result.get("step") != 0), llm)
 
 
 def _point(result: dict[str, Any]) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def register(app: typer.Typer, friendly: Callable[[Any], Any]) -> None:
         ),
         valid_cases: int = typer.Option(200, "--valid-cases", help="Validation requests (curve, fusion weight)."),
         fusion_min_gain_se: float = typer.Option(
-            2.0,
+            2.0,  # finetune.fusion.MIN_GAIN_SE, written out: the CLI imports no model code until it runs
             "--fusion-min-gain-se",
             help="Keep a fitted LLM weight only if its validation gain is at least this many standard errors.",
         ),

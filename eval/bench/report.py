@@ -104,6 +104,13 @@ def _curve(curve: list[dict[str, Any]]) -> str:
     return f" Validation curve, tuned LLM alone NDCG@10 by step: {', '.join(points)}." if points else ""
 
 
+def _chosen_step(best: dict[str, Any]) -> str:
+    """Which checkpoint the run exported (absent from runs older than the field)."""
+    if "step" not in best:
+        return ""
+    return ": step 0, the untuned weights" if best["step"] == 0 else f": step {best['step']}"
+
+
 def finetune_table(results: Path = RESULTS) -> str | None:
     """Per fine-tuning run (eval/bench/finetune.py): training, then each protocol's rows with 95% CIs."""
     files = sorted(results.glob("finetune-*.json"), key=lambda p: (p.stem != "finetune-ml-100k", p.stem))
@@ -129,7 +136,7 @@ def finetune_table(results: Path = RESULTS) -> str | None:
             + (f" on {n_ex} examples" if n_ex else "")
             + f", lr {m['train_config']['lr']}, {m.get('steps', '?')} steps"
             + f" (best checkpoint by {m['train_config'].get('select_by', 'llm')} validation NDCG@10"
-            + (f": step {v['step']}" + (", the untuned weights" if v["step"] == 0 else "") if "step" in v else "")
+            + _chosen_step(v)
             + ")"
             + f"; {seconds} s of training and validation on this box"
             + (f" ({r['train_seconds']} s for the whole `shoprec finetune` command)" if "train_seconds" in r else "")
