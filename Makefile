@@ -7,7 +7,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-eval bench-generator finetune-demo bench-finetune clean
+# System packages the tests drive for real (Debian): a PostgreSQL server for the shared-store tests and Chromium
+# for the web page's tests. Installed only when missing; needs root or sudo (CI runs as root).
+SYSDEPS := postgresql chromium chromium-driver
+SYSDEP_BINS := /usr/lib/postgresql /usr/bin/chromium /usr/bin/chromedriver
+
+.PHONY: sysdeps venv demo test check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-eval bench-generator finetune-demo bench-finetune clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -21,6 +26,13 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+sysdeps:
+	@missing=0; for b in $(SYSDEP_BINS); do [ -e $$b ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSDEPS) >/dev/null; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/shoprec demo
 
@@ -33,7 +45,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) check
+test: sysdeps $(STAMP) check
 	$(BIN)/pytest -q
 
 # Full benchmark suite on ../shared/data and the demo shop (~1 h on 2 cores), then the README tables.
