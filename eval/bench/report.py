@@ -1,8 +1,8 @@
 """Regenerate the README's results tables from the JSON files in eval/results/ (run by `make bench`), and each
 evaluation's HTML report (`eval-*.html`: its Markdown report as one page, with its curve plot embedded).
 
-Each table lives between `<!-- results:NAME -->` and `<!-- /results:NAME -->` markers in README.md; only the text
-between the markers is replaced, so the prose around it stays hand-written.
+Each table lives between `<!-- results:NAME -->` and `<!-- /results:NAME -->` markers in README.md or a
+docs/ page; only the text between the markers is replaced, so the prose around it stays hand-written.
 """
 
 from __future__ import annotations
@@ -334,11 +334,21 @@ def write_html_reports(results: Path = RESULTS) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument(
+        "--readme",
+        type=Path,
+        action="append",
+        help="A Markdown page with results markers (repeatable); default: README.md and every docs/*.md page.",
+    )
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    done = update_readme(args.readme, args.results)
-    print(f"README tables regenerated: {', '.join(done) or 'none'}")
+    # the tables live where a reader looks for them: the README's short summary, the long ones in docs/
+    pages = args.readme or [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        done = update_readme(page, args.results)
+        if done:
+            shown = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page
+            print(f"{shown}: tables regenerated: {', '.join(done)}")
     pages = write_html_reports(args.results)
     print(f"HTML reports: {', '.join(p.name for p in pages) or 'none'}")
 
