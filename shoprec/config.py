@@ -53,6 +53,9 @@ class Settings(BaseModel):
     )
     adapter: str | None = Field(default=None, description="A PEFT LoRA adapter folder applied on top of the model.")
     seed: int = Field(default=0, description="Seed for every random step (training, sampling).")
+    experiments: Path | None = Field(
+        default=None, description="TOML file of online A/B experiments (docs/experiments.md); None: no experiments."
+    )
 
     @property
     def store_url(self) -> str:
@@ -72,6 +75,7 @@ _ENV = {
     "SHOPREC_LLM_MODEL": "llm_model",
     "SHOPREC_ADAPTER": "adapter",
     "SHOPREC_NEW_ITEM_SHARE": "new_item_share",
+    "SHOPREC_EXPERIMENTS": "experiments",
 }
 
 
