@@ -13,9 +13,11 @@ class Catalog:
     """An ordered, immutable set of items with an id -> row index map.
 
     Row indices are the shared coordinate system of all retrievers: `scores[i]` is about `catalog.items[i]`.
+    `retired` ids keep their rows (so every score array stays aligned) but `mask` always drops them: that is how
+    a live index (retrieval/live.py) deletes an item without rebuilding.
     """
 
-    def __init__(self, items: Iterable[Item]) -> None:
+    def __init__(self, items: Iterable[Item], *, retired: Iterable[str] = ()) -> None:
         self.items: tuple[Item, ...] = tuple(items)
         self.index: dict[str, int] = {}
         for i, item in enumerate(self.items):
@@ -25,6 +27,11 @@ class Catalog:
         self._prices = np.array([np.nan if it.price is None else it.price for it in self.items], dtype=np.float64)
         self._in_stock = np.array([it.in_stock for it in self.items], dtype=bool)
         self._paths = [" > ".join(it.category) for it in self.items]
+        self.retired: frozenset[str] = frozenset(retired)
+        unknown = self.retired - self.index.keys()
+        if unknown:
+            raise ValueError(f"retired item id(s) not in the catalog: {', '.join(sorted(unknown)[:5])}")
+        self._retired_rows = np.array(sorted(self.index[i] for i in self.retired), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -43,6 +50,21 @@ class Catalog:
         """Row indices of the given ids, silently skipping ids that are not in the catalog."""
         return [self.index[i] for i in item_ids if i in self.index]
 
+    def updated(self, items: Sequence[Item] = (), *, retire: Sequence[str] = ()) -> Catalog:
+        """A new catalog: `items` replace the rows with their ids (un-retiring them) or are appended in order, and
+        `retire` ids (already in the catalog) are retired. Existing rows never move, so the row indices of every
+        retriever built on this catalog stay valid for the first `len(self)` rows."""
+        replaced = {it.id: it for it in items}
+        rows = [replaced.pop(it.id, it) for it in self.items]
+        retired = (self.retired - {it.id for it in items}) | frozenset(retire)
+        return Catalog([*rows, *replaced.values()], retired=retired)
+
+    def alive(self) -> Catalog:
+        """The catalog without its retired items (rows renumbered): what a shopper can still be shown."""
+        if not self.retired:
+            return self
+        return Catalog(it for it in self.items if it.id not in self.retired)
+
     def texts(self) -> list[str]:
         return [it.text() for it in self.items]
 
@@ -52,6 +74,7 @@ class Catalog:
     def mask(self, filters: Filters, history: Sequence[str] = ()) -> np.ndarray:
         """Boolean vector: True where an item passes the hard filters."""
         keep = np.ones(len(self.items), dtype=bool)
+        keep[self._retired_rows] = False  # deleted items are never retrieved, whatever the filters
         if filters.categories:
             prefixes = tuple(filters.categories)
             keep &= np.array(

@@ -86,6 +86,13 @@ class ItemKNNRetriever(ScoringRetriever):
         n = len(catalog)
         self.next: sp.csr_matrix = sp.csr_matrix((n, n), dtype=np.float64)
         self.together: sp.csr_matrix = sp.csr_matrix((n, n), dtype=np.float64)
+        # Each item's raw pair mass (row + column sums before normalisation), kept so that live pairs
+        # (`add_transitions`) are normalised like fitted ones; None for an index saved before it was kept.
+        self.mass: np.ndarray | None = np.zeros(n)
+        self._n_fit = n  # the fitted matrices cover the first _n_fit rows; later rows are live-only
+        self._live_next: dict[int, dict[int, float]] = {}  # raw live pair weights: i -> {j: w}, j came after i
+        self._live_prev: dict[int, dict[int, float]] = {}  # the same pairs seen from j: j -> {i: w}
+        self._live_mass = np.zeros(n)
 
     def fit(self, histories: Mapping[str, Sequence[Interaction]]) -> None:
         """Count co-occurrences in every history (oldest first); items outside the catalog are skipped."""
@@ -93,9 +100,11 @@ class ItemKNNRetriever(ScoringRetriever):
         n = len(self.catalog)
         seqs = [np.asarray(self.catalog.rows([ev.item_id for ev in evs]), dtype=np.int64) for evs in histories.values()]
         seqs = [s for s in seqs if len(s) >= 2]
+        self._reset_live(n)
         if not seqs:  # nothing co-occurs: empty matrices, every item scores -inf
             self.next = sp.csr_matrix((n, n), dtype=np.float64)
             self.together = sp.csr_matrix((n, n), dtype=np.float64)
+            self.mass = np.zeros(n)
             return
         items = np.concatenate(seqs)
         user = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
@@ -114,6 +123,7 @@ class ItemKNNRetriever(ScoringRetriever):
             wts.append(user_w[:-gap][same][keep] * cfg.distance_decay ** (gap - 1))
         raw = sp.coo_matrix((np.concatenate(wts), (np.concatenate(src), np.concatenate(dst))), shape=(n, n)).tocsr()
         raw.sum_duplicates()
+        self.mass = np.asarray(raw.sum(axis=1)).ravel() + np.asarray(raw.sum(axis=0)).ravel()
         self.next = _prune(_normalise(raw, cfg.alpha), cfg.top_m)
         self.together = _prune(_normalise((raw + raw.T).tocsr(), cfg.alpha), cfg.top_m)
 
@@ -127,10 +137,64 @@ class ItemKNNRetriever(ScoringRetriever):
             return None
         age = np.arange(len(rows) - 1, -1, -1, dtype=np.float64)  # 0 for the most recent item
         weights = 0.5 ** (age / cfg.history_half_life)
-        scores = w_next * (self.next[rows].T @ weights) + w_tog * (self.together[rows].T @ weights)
-        scores = np.asarray(scores, dtype=np.float64).ravel()
+        fitted = np.array([r < self._n_fit for r in rows], dtype=bool)
+        scores = np.zeros(len(self.catalog), dtype=np.float64)
+        if fitted.any():
+            f_rows, f_w = [r for r, f in zip(rows, fitted, strict=True) if f], weights[fitted]
+            part = w_next * (self.next[f_rows].T @ f_w) + w_tog * (self.together[f_rows].T @ f_w)
+            scores[: self._n_fit] = np.asarray(part, dtype=np.float64).ravel()
+        if self._live_next or self._live_prev:
+            self._add_live_scores(scores, rows, weights, w_next, w_tog)
         scores[scores <= 0] = -np.inf  # no evidence: this signal cannot retrieve the item
         return scores
+
+    # ---- live updates (retrieval/live.py)
+
+    def _reset_live(self, n: int) -> None:
+        self._n_fit = n
+        self._live_next, self._live_prev = {}, {}
+        self._live_mass = np.zeros(n)
+
+    def update_rows(self, catalog: Catalog, rows: Sequence[int] = ()) -> None:
+        """Serve `catalog`, which extends the fitted one (same first rows, more appended): new rows have no
+        fitted neighbours and score only through live pairs. Content changes (`rows`) do not matter here."""
+        n_old = len(self.catalog)
+        if len(catalog) < n_old or catalog.ids[:n_old] != self.catalog.ids[:n_old]:
+            raise ValueError("update_rows needs a catalog that extends this one (same ids in the same first rows)")
+        self.catalog = catalog
+        self._live_mass = np.concatenate([self._live_mass, np.zeros(len(catalog) - len(self._live_mass))])
+
+    def add_transitions(self, transitions: Sequence[tuple[Sequence[int], int]]) -> None:
+        """Count live co-occurrences: each (recent rows oldest first, new row) pairs the new row with the recent
+        ones, `gap` positions back weighing `distance_decay ** (gap - 1)` within `window`, as in `fit`."""
+        cfg = self.config
+        for recent, row in transitions:
+            for gap, prev in enumerate(reversed(list(recent)[-cfg.window :]), start=1):
+                if prev == row:
+                    continue  # a repeat says nothing about neighbours
+                w = cfg.distance_decay ** (gap - 1)
+                nxt = self._live_next.setdefault(prev, {})
+                nxt[row] = nxt.get(row, 0.0) + w
+                back = self._live_prev.setdefault(row, {})
+                back[prev] = back.get(prev, 0.0) + w
+                self._live_mass[prev] += w
+                self._live_mass[row] += w
+
+    def _add_live_scores(
+        self, scores: np.ndarray, rows: Sequence[int], weights: np.ndarray, w_next: float, w_tog: float
+    ) -> None:
+        """Add the live pairs of the history rows, normalised as in `fit` with the fitted + live pair mass:
+        next(i, j) = c(i, j) / (m_i^a m_j^(1-a)); together(i, j) = (c(i, j) + c(j, i)) / (2 m_i^a m_j^(1-a))."""
+        alpha = self.config.alpha
+        mass = self._live_mass.copy()
+        fitted_mass = self.mass if self.mass is not None else _mass_proxy(self.together)
+        mass[: len(fitted_mass)] += fitted_mass
+        mass[mass <= 0] = 1.0
+        for r, w in zip(rows, weights, strict=True):
+            for j, c in self._live_next.get(r, {}).items():  # j came after r
+                scores[j] += w * (w_next + w_tog / 2) * c / (mass[r] ** alpha * mass[j] ** (1 - alpha))
+            for j, c in self._live_prev.get(r, {}).items():  # j came before r
+                scores[j] += w * (w_tog / 2) * c / (mass[r] ** alpha * mass[j] ** (1 - alpha))
 
     def neighbours(self, item_id: str, k: int = 10, directional: bool = True) -> list[tuple[str, float]]:
         """The k strongest neighbours of one item (what follows it, or what goes with it), for inspection."""
@@ -146,6 +210,8 @@ class ItemKNNRetriever(ScoringRetriever):
             "item_ids": np.array(self.catalog.ids, dtype=str),
             "config": np.array(json.dumps(asdict(self.config))),
         }
+        if self.mass is not None:
+            arrays["mass"] = self.mass
         for key, m in (("next", self.next), ("together", self.together)):
             arrays[f"{key}_data"], arrays[f"{key}_indices"], arrays[f"{key}_indptr"] = m.data, m.indices, m.indptr
         buf = io.BytesIO()
@@ -166,7 +232,13 @@ class ItemKNNRetriever(ScoringRetriever):
             for key in ("next", "together"):
                 m = sp.csr_matrix((z[f"{key}_data"], z[f"{key}_indices"], z[f"{key}_indptr"]), shape=(n, n))
                 setattr(retriever, key, m)
+            retriever.mass = z["mass"] if "mass" in z.files else None  # absent in indexes saved before it was kept
         return retriever
+
+
+def _mass_proxy(together: sp.csr_matrix) -> np.ndarray:
+    """For an index saved without pair masses: each item's neighbour count, a rough stand-in for its mass."""
+    return np.diff(together.indptr).astype(np.float64)
 
 
 def _normalise(c: sp.csr_matrix, alpha: float) -> sp.csr_matrix:

@@ -14,6 +14,7 @@ faiss is imported lazily (inside functions), so importing this module stays chea
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -63,34 +64,130 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Write a directory atomically: yields a fresh temp dir next to `target`; on success it replaces `target`.
 
     On any exception the temp dir is removed and an existing `target` is left untouched. A directory cannot be
-    renamed over a non-empty one, so the swap is two renames (old aside, new in); a crash between them leaves
-    the previous version under `.<name>.old-*` rather than a half-written index under `target`.
+    renamed over a non-empty one, so the swap is three renames under the lock file `.<name>.lock`: the finished
+    temp dir becomes `.<name>.new-*` (its name says it is complete), the old `target` goes aside to
+    `.<name>.old-*`, the new one moves in. A process killed anywhere in between leaves a state that
+    `recover_directory` completes at the next load or build (the complete new version wins, else the old one
+    comes back). Temp dirs of killed builds are removed at the next build: a build holds an flock on its temp
+    dir, so one that can be locked belongs to a dead process, and another process's build in progress is kept.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; choose another index directory")
+    with _swap_lock(target):
+        _recover(target)
+        remove_orphan_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    held = _hold(tmp)  # released by the OS if this process dies: that is how a later build knows it is orphaned
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the index should be readable like any other output
         yield tmp
         _fsync_tree(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            old.rmdir()  # only the unique name is wanted; rename needs it free
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        with _swap_lock(target):
+            ready = _unused_name(target, "new")
+            os.rename(tmp, ready)
+            if target.exists():
+                old = _unused_name(target, "old")
+                os.rename(target, old)
+                os.rename(ready, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(ready, target)
+            _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(held)
+
+
+def recover_directory(target: str | Path) -> str | None:
+    """Finish or undo a swap of `atomic_directory` that a killed process left half done.
+
+    Returns "promoted" (a complete new version moved in), "restored" (the previous version moved back), or None
+    when there was nothing to do. Cheap when there is nothing to do: no lock is taken, nothing is written.
+    """
+    target = Path(target)
+    if not target.parent.is_dir() or not _leftovers(target):
+        return None
+    with _swap_lock(target):
+        return _recover(target)
+
+
+def remove_orphan_temps(target: str | Path) -> list[Path]:
+    """Remove the temp dirs of `atomic_directory` builds whose process died; returns what was removed."""
+    target = Path(target)
+    removed = []
+    for d in target.parent.glob(f".{target.name}.????????.tmp"):  # mkdtemp's 8 random characters
+        if not d.is_dir():
+            continue
+        try:
+            fd = os.open(d, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # another process is writing it right now
+        finally:
+            os.close(fd)  # closing drops the lock we may have taken
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _leftovers(target: Path) -> list[Path]:
+    return [*target.parent.glob(f".{target.name}.new-*"), *target.parent.glob(f".{target.name}.old-*")]
+
+
+def _recover(target: Path) -> str | None:
+    """`recover_directory`'s work; the caller holds the swap lock."""
+    by_age = lambda paths: sorted(paths, key=lambda p: p.stat().st_mtime_ns)  # noqa: E731
+    news = by_age(d for d in target.parent.glob(f".{target.name}.new-*") if d.is_dir())
+    olds = by_age(d for d in target.parent.glob(f".{target.name}.old-*") if d.is_dir())
+    action = None
+    if news:  # a fully written version was about to move in: finish the swap
+        if target.exists():
+            aside = _unused_name(target, "old")
+            os.rename(target, aside)
+            olds.append(aside)
+        os.rename(news[-1], target)
+        for d in news[:-1]:
+            shutil.rmtree(d, ignore_errors=True)
+        action = "promoted"
+    elif not target.exists() and olds:  # killed after moving the old version aside: bring it back
+        os.rename(olds.pop(), target)
+        action = "restored"
+    if target.exists():
+        for d in olds:
+            shutil.rmtree(d, ignore_errors=True)
+    if action:
+        _fsync_dir(target.parent)
+    return action
+
+
+def _unused_name(target: Path, tag: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
+    path.rmdir()  # only the unique name is wanted; rename needs it free
+    return path
+
+
+def _hold(directory: Path) -> int:
+    fd = os.open(directory, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+@contextmanager
+def _swap_lock(target: Path) -> Iterator[None]:
+    """An exclusive flock on `.<name>.lock` beside `target`: one swap or recovery at a time, across processes."""
+    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -418,6 +515,9 @@ class DenseRetriever(ScoringRetriever):
         self.half_life = half_life
         self.max_history = max_history
         self.approx_candidates = approx_candidates
+        # Rows whose vector is not (or no longer) the one in the FAISS index: items added or edited live
+        # (`update_rows`). They are scored exactly beside the index's search: the small "delta index".
+        self.live_rows = np.empty(0, dtype=np.int64)
 
     @classmethod
     def build(
@@ -477,13 +577,44 @@ class DenseRetriever(ScoringRetriever):
         q = self.request_vector(request)
         if q is None:
             return None
+        vectors = self.vectors  # one reference: a live update swaps in a new array, never edits this one
         if self.index.exact:
-            return self.vectors @ q
+            return vectors @ q  # every row, live ones included
         scores, rows = self.index.search(q[None, :], self.approx_candidates)
-        out = np.full(len(self.catalog), -np.inf, dtype=np.float32)
+        out = np.full(len(vectors), -np.inf, dtype=np.float32)
         hit = rows[0] >= 0
         out[rows[0][hit]] = scores[0][hit]
+        live = self.live_rows
+        if len(live):  # merge the delta: exact scores for rows the FAISS index does not hold as they are now
+            out[live] = vectors[live] @ q
         return out
+
+    # ---- live updates (retrieval/live.py)
+
+    def update_rows(self, catalog: Catalog, rows: Sequence[int] = (), *, vectors: np.ndarray | None = None) -> None:
+        """Serve `catalog`, which extends the indexed one (same first rows, more appended), where `rows` (new or
+        edited items) get fresh vectors: `vectors` aligned with `rows`, or embedded here with the encoder.
+
+        The FAISS index is not rebuilt: those rows are searched exactly beside it and merged (`score`). Arrays are
+        replaced, never edited in place, so a request that read the old ones finishes with a consistent view."""
+        n_old = len(self.catalog)
+        if len(catalog) < n_old or catalog.ids[:n_old] != self.catalog.ids[:n_old]:
+            raise ValueError("update_rows needs a catalog that extends this one (same ids in the same first rows)")
+        rows = np.asarray(list(rows), dtype=np.int64)
+        if len(catalog) > n_old and not np.isin(np.arange(n_old, len(catalog)), rows).all():
+            raise ValueError("every row added to the catalog needs a vector: list it in `rows`")
+        if vectors is None:
+            vectors = self.encoder.encode([catalog.items[r].text() for r in rows])
+        fresh = _as_matrix(vectors, "vectors")
+        if fresh.shape != (len(rows), self.encoder.dim):
+            raise ValueError(f"vectors have shape {fresh.shape}, expected ({len(rows)}, {self.encoder.dim})")
+        grown = np.zeros((len(catalog), self.vectors.shape[1]), dtype=np.float32)
+        grown[:n_old] = self.vectors
+        grown[rows] = fresh
+        self.vectors = grown
+        if not self.index.exact:
+            self.live_rows = np.union1d(self.live_rows, rows)
+        self.catalog = catalog
 
     # ---- persistence
 

@@ -17,11 +17,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from retrieval.base import Retriever
 from retrieval.catalog import Catalog
@@ -30,6 +33,10 @@ from retrieval.types import Interaction, RetrievalRequest
 
 FORMAT_VERSION = 1
 MIN_USERS_TO_FIT_FUSION = 30
+# Held-out users the fusion weights are fitted on, at most (a seeded sample): on 1M events the fit over every
+# user did not finish in 15 minutes; 2,000 cases give Recall@20 within about +-0.01 (binomial SE at 0.3).
+MAX_FUSION_CASES = 2_000
+CATALOG_FILE = "catalog.jsonl"
 
 
 @dataclass(frozen=True)
@@ -158,14 +165,28 @@ def fit_signals(
 
 
 def holdout_last(
-    histories: Mapping[str, Sequence[Interaction]], min_events: int = 3
-) -> tuple[dict[str, list[Interaction]], list[tuple[tuple[str, ...], str]]]:
-    """Split off each (long enough) user's last event: (training histories, [(history, target)])."""
-    train: dict[str, list[Interaction]] = {}
+    histories: Mapping[str, Sequence[Interaction]],
+    min_events: int = 3,
+    *,
+    max_users: int | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Sequence[Interaction]], list[tuple[tuple[str, ...], str]]]:
+    """Split off the last event of each long enough user: (training histories, [(history, target)]).
+
+    With `max_users`, only a seeded random sample of that many eligible users is held out (the others train on
+    their whole history): the fusion fit's cost grows with its cases, and 2,000 cases already pin Recall@20
+    down to about +-0.01. Training histories share the input's lists where nothing was held out (no copies).
+    """
+    eligible = sorted(u for u, evs in histories.items() if len(evs) >= min_events)
+    if max_users is not None and len(eligible) > max_users:
+        rng = np.random.default_rng(seed)
+        eligible = sorted(eligible[i] for i in rng.choice(len(eligible), size=max_users, replace=False))
+    chosen = set(eligible)
+    train: dict[str, Sequence[Interaction]] = {}
     held: list[tuple[tuple[str, ...], str]] = []
     for user in sorted(histories):
-        evs = list(histories[user])
-        if len(evs) >= min_events:
+        evs = histories[user]
+        if user in chosen:
             train[user] = evs[:-1]
             held.append((tuple(e.item_id for e in evs[:-1]), evs[-1].item_id))
         else:
@@ -215,13 +236,20 @@ def build_index(
     *,
     names: Sequence[str] = tuple(SIGNALS),
     fit_fusion_weights: bool = True,
+    max_fusion_cases: int | None = MAX_FUSION_CASES,
+    store_state: Mapping[str, int] | None = None,
     log: Callable[[str], None] = lambda _: None,
     **opts: Any,
 ) -> FusionRetriever:
-    """Train every signal, fit the fusion weights, and write it all to `directory` atomically."""
+    """Train every signal, fit the fusion weights, and write it all to `directory` atomically.
+
+    `max_fusion_cases`: the fusion weights are fitted on the held-out last events of at most this many users (a
+    seeded sample; None = every user with >= 3 events). `store_state`: the store's feed positions the histories
+    were read at (e.g. {"last_event_seq": ...}), recorded so that a live index catches up from there.
+    """
     directory = Path(directory)
     t0 = time.perf_counter()
-    train, held = holdout_last(histories)
+    train, held = holdout_last(histories, max_users=max_fusion_cases)
     use_holdout = fit_fusion_weights and len(held) >= MIN_USERS_TO_FIT_FUSION
     retrievers = fit_signals(catalog, train if use_holdout else histories, names, log=log, **opts)
     fusion = FusionRetriever(catalog, list(retrievers.values()))
@@ -241,23 +269,51 @@ def build_index(
         "signals": list(retrievers),
         "fusion": fusion.config.to_dict(),
         "fusion_fit": fusion_report,
+        "store_state": dict(store_state or {}),
         "build_seconds": round(time.perf_counter() - t0, 2),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _write_atomically(directory, retrievers, manifest)
+    _write_atomically(directory, retrievers, manifest, catalog)
     return fusion
 
 
-def _write_atomically(directory: Path, retrievers: Mapping[str, Retriever], manifest: dict[str, Any]) -> None:
+def _write_atomically(
+    directory: Path, retrievers: Mapping[str, Retriever], manifest: dict[str, Any], catalog: Catalog
+) -> None:
     from retrieval.dense import atomic_directory
 
     with atomic_directory(directory) as tmp:
         for name, r in retrievers.items():
             r.save(tmp / name)  # type: ignore[attr-defined]
+        # The catalog the signals' rows refer to: a live index (retrieval/live.py) loads the index against it
+        # after the store's items have changed, then applies the changes.
+        with open(tmp / CATALOG_FILE, "w", encoding="utf-8") as f:
+            for item in catalog.items:
+                f.write(item.model_dump_json() + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
 
 
+def read_catalog(directory: Path) -> Catalog:
+    """The catalog an index was built for (saved beside it since live updates exist)."""
+    from retrieval.types import Item
+
+    path = Path(directory) / CATALOG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the index at {directory} does not hold the catalog it was built for (no {CATALOG_FILE}; it was built "
+            "by an older shoprec). Fix: rebuild it with `shoprec index`."
+        )
+    with open(path, encoding="utf-8") as f:
+        return Catalog(Item.model_validate_json(line) for line in f if line.strip())
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
+    from retrieval.dense import recover_directory
+
+    # a build killed in the middle of its swap left the index aside: put the complete version back first
+    action = recover_directory(directory)
+    if action is not None:
+        logging.getLogger(__name__).warning("index at %s: an interrupted swap was recovered (%s)", directory, action)
     path = Path(directory) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"no retrieval index at {directory} (missing manifest.json). Fix: run `shoprec index`.")
@@ -270,10 +326,13 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_index(directory: Path, catalog: Catalog, **opts: Any) -> FusionRetriever:
-    """Load every signal and the fusion config; the catalog must be the one the index was built for."""
+def load_index(directory: Path, catalog: Catalog | None, **opts: Any) -> FusionRetriever:
+    """Load every signal and the fusion config; the catalog must be the one the index was built for (None: the
+    one saved with the index)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    if catalog is None:
+        catalog = read_catalog(directory)
     if manifest["catalog_fingerprint"] != catalog_fingerprint(catalog):
         raise ValueError(
             f"the index at {directory} was built for a different catalog ({manifest['n_items']} items; the store "

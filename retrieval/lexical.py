@@ -8,7 +8,9 @@ bm25s is imported lazily, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,7 @@ class BM25Retriever(ScoringRetriever):
 
     name = "bm25"
 
-    def __init__(self, catalog: Catalog, bm25: Any, *, history_titles: int = 3) -> None:
+    def __init__(self, catalog: Catalog, bm25: Any, *, history_titles: int = 3, avgdl: float | None = None) -> None:
         super().__init__(catalog)
         n_docs = int(bm25.scores["num_docs"])
         if n_docs != len(catalog):
@@ -75,6 +77,12 @@ class BM25Retriever(ScoringRetriever):
         self.bm25 = bm25
         self.history_titles = history_titles
         self._stopwords = _stopwords()
+        self.n_indexed = n_docs
+        # Average indexed document length in tokens: what live documents are length-normalised against
+        # (`update_rows`); computed from the catalog on first need when an older index did not record it.
+        self.avgdl = avgdl
+        self._live_docs: dict[int, Counter[str]] = {}  # row -> token counts, for rows added or edited live
+        self._live_postings: dict[str, dict[int, int]] = {}  # token -> {row: term frequency}
 
     @classmethod
     def build(
@@ -88,7 +96,7 @@ class BM25Retriever(ScoringRetriever):
         corpus = [tokenize(text, stop) for text in catalog.texts()]
         bm25 = bm25s.BM25(k1=k1, b=b)
         bm25.index(corpus, show_progress=progress)
-        return cls(catalog, bm25, **options)
+        return cls(catalog, bm25, avgdl=float(np.mean([len(doc) for doc in corpus])), **options)
 
     def query_text(self, request: RetrievalRequest) -> str | None:
         """The text this request is matched with, or None when there is none."""
@@ -103,12 +111,65 @@ class BM25Retriever(ScoringRetriever):
         text = self.query_text(request)
         if not text:
             return None
-        token_ids = self.bm25.get_tokens_ids(tokenize(text, self._stopwords))
-        if not token_ids:
+        tokens = tokenize(text, self._stopwords)
+        token_ids = self.bm25.get_tokens_ids(tokens)
+        live = self._live_scores(tokens) if self._live_docs else {}
+        if not token_ids and not live:
             return None
-        scores = np.asarray(self.bm25.get_scores_from_ids(token_ids), dtype=np.float32)
+        scores = np.zeros(len(self.catalog), dtype=np.float32)
+        if token_ids:
+            scores[: self.n_indexed] = self.bm25.get_scores_from_ids(token_ids)
+        if self._live_docs:  # merge the delta: live rows score by their current text only
+            scores[list(self._live_docs)] = 0.0
+            for row, s in live.items():
+                scores[row] = s
         scores[scores <= 0] = -np.inf
         return scores
+
+    # ---- live updates (retrieval/live.py)
+
+    def update_rows(self, catalog: Catalog, rows: Sequence[int] = ()) -> None:
+        """Serve `catalog`, which extends the indexed one (same first rows, more appended), where `rows` are new
+        or edited items: their current text is kept in a small in-memory delta index and scored with the main
+        index's document frequencies and average length, so their scores compare with the main index's."""
+        n_old = len(self.catalog)
+        if len(catalog) < n_old or catalog.ids[:n_old] != self.catalog.ids[:n_old]:
+            raise ValueError("update_rows needs a catalog that extends this one (same ids in the same first rows)")
+        if self.avgdl is None:  # an index saved before avgdl was recorded: measure the indexed texts once
+            texts = self.catalog.texts()[: self.n_indexed]
+            self.avgdl = float(np.mean([len(tokenize(t, self._stopwords)) for t in texts]))
+        for row in rows:
+            for token in self._live_docs.pop(row, Counter()):
+                self._live_postings[token].pop(row, None)
+            counts = Counter(tokenize(catalog.items[row].text(), self._stopwords))
+            self._live_docs[row] = counts
+            for token, tf in counts.items():
+                self._live_postings.setdefault(token, {})[row] = tf
+        self.catalog = catalog
+
+    def _live_scores(self, tokens: Sequence[str]) -> dict[int, float]:
+        """BM25 (Lucene variant, bm25s's default) of the live rows for these query tokens.
+
+        idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5)) with N and df from the main index; a token the main index
+        never saw takes its df from the live rows. tf part: tf / (tf + k1 (1 - b + b dl / avgdl)).
+        """
+        n = self.n_indexed
+        k1, b = float(self.bm25.k1), float(self.bm25.b)
+        avgdl = self.avgdl or 1.0
+        indptr = self.bm25.scores["indptr"]
+        vocab = self.bm25.vocab_dict
+        out: dict[int, float] = {}
+        for token in tokens:  # a repeated query token counts again, as in bm25s
+            postings = self._live_postings.get(token)
+            if not postings:
+                continue
+            tid = vocab.get(token)
+            df = int(indptr[tid + 1] - indptr[tid]) if tid is not None else len(postings)
+            idf = math.log(1.0 + (n - df + 0.5) / (df + 0.5))
+            for row, tf in postings.items():
+                dl = sum(self._live_docs[row].values())
+                out[row] = out.get(row, 0.0) + idf * tf / (tf + k1 * (1.0 - b + b * dl / avgdl))
+        return out
 
     # ---- persistence
 
@@ -124,6 +185,7 @@ class BM25Retriever(ScoringRetriever):
                     "n_items": len(self.catalog),
                     "catalog_sha256": catalog_fingerprint(self.catalog),
                     "options": {"history_titles": self.history_titles},
+                    "avgdl": self.avgdl,
                 },
             )
 
@@ -146,4 +208,4 @@ class BM25Retriever(ScoringRetriever):
                 f"this one has {len(catalog)} or lists other ids); rebuild it with `shoprec index`"
             )
         bm25 = bm25s.BM25.load(str(directory / BM25_SUBDIR), show_progress=False)
-        return cls(catalog, bm25, **dict(meta.get("options", {})))
+        return cls(catalog, bm25, avgdl=meta.get("avgdl"), **dict(meta.get("options", {})))

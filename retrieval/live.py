@@ -185,6 +185,14 @@ class LiveIndex:
         """Dense item vectors aligned with `self.catalog` (for diversity); None without a dense signal."""
         return self._view[1]
 
+    def vectors_for(self, item_ids: Sequence[str]) -> np.ndarray | None:
+        """Dense vectors of these items (ids of `catalog`), read from ONE snapshot of catalog and vectors, so a
+        concurrent update cannot misalign them; None without a dense signal."""
+        catalog, vectors = self._view
+        if vectors is None:
+            return None
+        return vectors[[catalog.index[i] for i in item_ids]]
+
     @property
     def fusion(self) -> FusionRetriever:
         """The underlying fused retriever (its catalog holds retired rows too)."""

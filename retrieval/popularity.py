@@ -90,6 +90,9 @@ class PopularityRetriever(ScoringRetriever):
         super().__init__(catalog)
         self.config = config or PopularityConfig()
         self.counts = np.zeros(len(catalog), dtype=np.float64)  # weighted popularity per catalog row
+        # The fit's "now" (epoch seconds of the newest event) when recency was by time: live events are weighed
+        # against it (`add_events`); None when the data had no timestamps or recency is off.
+        self.reference_time: float | None = None
         self._categories()
 
     def _categories(self) -> None:
@@ -119,6 +122,34 @@ class PopularityRetriever(ScoringRetriever):
                     w *= 0.5 ** ((n - 1 - k) / cfg.half_life_events)  # histories are oldest first
                 counts[row] += w
         self.counts = counts
+        self.reference_time = newest if timed and cfg.half_life_days is not None and events else None
+
+    def add_events(self, events: Sequence[Interaction]) -> None:
+        """Count live events without refitting (retrieval/live.py): each weighs its type weight times its recency
+        against the fit's reference time (without one, as if it were the newest event). Events on items outside
+        the catalog are ignored, as in `fit`."""
+        cfg = self.config
+        counts = self.counts.copy()  # copy-on-write: a reader holding the old array keeps a consistent one
+        for ev in events:
+            row = self.catalog.index.get(ev.item_id)
+            if row is None:
+                continue
+            w = cfg.type_weight(ev)
+            if self.reference_time is not None and ev.timestamp is not None and cfg.half_life_days is not None:
+                age_days = (self.reference_time - ev.timestamp.timestamp()) / 86400.0
+                w *= 0.5 ** (age_days / cfg.half_life_days)  # newer than the fit: weighs more than 1, consistently
+            counts[row] += w
+        self.counts = counts
+
+    def update_rows(self, catalog: Catalog, rows: Sequence[int] = ()) -> None:
+        """Serve `catalog`, which extends the fitted one (same first rows, maybe changed values, more rows at the
+        end): new rows start with a count of 0, and categories are read again (an item may have moved)."""
+        n_old = len(self.counts)
+        if len(catalog) < n_old or catalog.ids[:n_old] != self.catalog.ids[:n_old]:
+            raise ValueError("update_rows needs a catalog that extends this one (same ids in the same first rows)")
+        self.catalog = catalog
+        self.counts = np.concatenate([self.counts, np.zeros(len(catalog) - n_old)])
+        self._categories()
 
     def score(self, request: RetrievalRequest) -> np.ndarray | None:
         total = self.counts.sum()
@@ -145,6 +176,7 @@ class PopularityRetriever(ScoringRetriever):
         np.savez(
             buf,
             counts=self.counts,
+            reference_time=np.array(np.nan if self.reference_time is None else self.reference_time),
             item_ids=np.array(self.catalog.ids, dtype=str),
             config=np.array(json.dumps(asdict(self.config))),
         )
@@ -161,4 +193,6 @@ class PopularityRetriever(ScoringRetriever):
             known = {f.name for f in fields(PopularityConfig)}
             retriever = cls(catalog, PopularityConfig(**{k: v for k, v in cfg.items() if k in known}))
             retriever.counts = z["counts"].astype(np.float64)
+            if "reference_time" in z.files and np.isfinite(z["reference_time"]):  # absent in older indexes
+                retriever.reference_time = float(z["reference_time"])
         return retriever

@@ -283,10 +283,28 @@ class SequentialRetriever(ScoringRetriever):
     # ------------------------------------------------------------------ scoring
     def score(self, request: RetrievalRequest) -> np.ndarray | None:
         items = list(request.history) + (list(request.cart) if request.mode == "cart" else [])
-        rows = self.catalog.rows(items)
+        n_model = self._n_model()
+        rows = [r for r in self.catalog.rows(items) if r < n_model]  # items added live are not in the vocabulary
         if not rows:
             return None
-        return self.score_rows([rows])[0]
+        logits = self.score_rows([rows])[0]
+        if len(self.catalog) > n_model:  # rows added since training: this signal cannot retrieve them
+            logits = np.concatenate([logits, np.full(len(self.catalog) - n_model, -np.inf)])
+        return logits
+
+    def _n_model(self) -> int:
+        """How many catalog rows the model's vocabulary covers (the catalog it was trained on)."""
+        if self._model is None:
+            return len(self.catalog)
+        return int(self._model.item_emb.num_embeddings) - 1
+
+    def update_rows(self, catalog: Catalog, rows: Sequence[int] = ()) -> None:
+        """Serve `catalog`, which extends the trained one (same first rows, more appended; retrieval/live.py). The
+        weights do not change: new rows score -inf until the next `shoprec index`, and content edits do not matter."""
+        n_old = len(self.catalog)
+        if len(catalog) < n_old or catalog.ids[:n_old] != self.catalog.ids[:n_old]:
+            raise ValueError("update_rows needs a catalog that extends this one (same ids in the same first rows)")
+        self.catalog = catalog
 
     def score_rows(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Next-item logits (float64, one row per sequence) for sequences of catalog rows; a batched `score`."""
@@ -294,7 +312,7 @@ class SequentialRetriever(ScoringRetriever):
 
         if self._model is None:
             raise RuntimeError("SequentialRetriever is not trained: call fit() or SequentialRetriever.load() first.")
-        out = np.empty((len(sequences), len(self.catalog)), dtype=np.float64)
+        out = np.empty((len(sequences), self._n_model()), dtype=np.float64)
         order = np.argsort([len(s) for s in sequences], kind="stable")  # similar lengths per chunk
         threads = torch.get_num_threads()
         if self.config.num_threads is not None:
