@@ -60,6 +60,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from retrieval.text import collect_cuts
 from retrieval.types import Interaction, InteractionType, Item
 
 __all__ = [
@@ -180,6 +181,17 @@ def _show(value: Any, limit: int = 60) -> str:
 
 
 def load_dataset(
+    path: str | Path, *, strict: bool = True, report_path: Path | None = None, fmt: str = "auto"
+) -> Dataset:
+    """Load a dataset folder (see `_load_dataset`); text fields cut to their length caps are reported in the
+    warnings (retrieval/text.py), never cut silently."""
+    with collect_cuts() as cuts:
+        ds = _load_dataset(path, strict=strict, report_path=report_path, fmt=fmt)
+    ds.warnings.extend(cuts.warnings(str(path)))
+    return ds
+
+
+def _load_dataset(
     path: str | Path, *, strict: bool = True, report_path: Path | None = None, fmt: str = "auto"
 ) -> Dataset:
     """Load a dataset folder, detecting its layout unless `fmt` names it ("movielens", "lcrec", "generic").

@@ -5,7 +5,7 @@ and any future HTTP endpoint get the same treatment. What it does, and why:
 
 - **Control characters** go: C0/C1 controls, lone surrogates, bidi overrides and zero-width characters (they hide
   or reorder text a person reads, and a newline inside a title would break the prompt's one-line-per-item layout
-  or end a reason early). Whitespace runs become one space; only descriptions keep their line breaks.
+  or end a reason early); tabs and line breaks become spaces, except that descriptions keep their line breaks.
 - **Chat-template markers** (``<|im_end|>``, ``<|endoftext|>``, ``[INST]``, ``<<SYS>>``, SmolLM2's StarCoder-era
   ``<filename>``/``<file_sep>``/... and the like) are rewritten with look-alike brackets (``‹|im_end|›``,
   ``(INST)``): they read the same to a person but can no longer tokenise to a special token. This matters beyond
@@ -69,8 +69,6 @@ _INVISIBLE = re.compile(r"[\ud800-\udfff\u200b-\u200f\u202a-\u202e\u2060\u2066-\
 # paragraph separators (line breaks where they are kept).
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 _LINE_BREAK = re.compile(r"\r\n|[\r\u2028\u2029\x0b\x0c\x85]")
-_SPACES = re.compile(r"[^\S\n]+")  # whitespace runs other than line breaks
-_BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def neutralise_markers(text: str) -> str:
@@ -79,16 +77,14 @@ def neutralise_markers(text: str) -> str:
 
 
 def strip_controls(text: str, *, keep_newlines: bool = False) -> str:
-    """Control, surrogate and invisible characters removed; whitespace runs collapsed to one space. With
-    `keep_newlines`, line breaks (any convention) become "\\n", with at most one blank line in a row."""
+    """Surrogates and invisible characters removed, every other control character a space, ends stripped; line
+    breaks (any convention) become "\\n" with `keep_newlines`, else a space. Ordinary spaces are left as they are
+    (collapsing them would change real titles for no safety gain)."""
     text = _INVISIBLE.sub("", text)
-    text = _LINE_BREAK.sub("\n", text) if keep_newlines else _LINE_BREAK.sub(" ", text)
+    text = _LINE_BREAK.sub("\n" if keep_newlines else " ", text)
     if not keep_newlines:
         text = text.replace("\n", " ")
-    text = _SPACES.sub(" ", _CONTROL.sub(" ", text))
-    if keep_newlines:
-        text = _BLANK_LINES.sub("\n\n", "\n".join(line.strip() for line in text.split("\n")))
-    return text.strip()
+    return _CONTROL.sub(" ", text).strip()
 
 
 @dataclass

@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from retrieval.text import clean_field
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -29,10 +31,12 @@ class Item(_Frozen):
     created_at: datetime | None = Field(default=None, description="When the item entered the catalog (cold start).")
     in_stock: bool = Field(default=True, description="Whether the item can be sold now.")
 
+    # Catalog text is untrusted data: every text field is cleaned here, so every loader and endpoint gets it
+    # (controls stripped, chat-template markers neutralised, length-capped with a warning; retrieval/text.py).
     @field_validator("title")
     @classmethod
     def _title_not_blank(cls, v: str) -> str:
-        v = v.strip()
+        v = clean_field(v, "title")
         if not v:
             raise ValueError("title is blank; every item needs a non-empty title")
         return v
@@ -40,10 +44,25 @@ class Item(_Frozen):
     @field_validator("category")
     @classmethod
     def _category_parts_not_blank(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        parts = tuple(p.strip() for p in v)
+        parts = tuple(clean_field(p, "category") for p in v)
         if any(not p for p in parts):
             raise ValueError(f"category path {v!r} has an empty level")
         return parts
+
+    @field_validator("brand")
+    @classmethod
+    def _clean_brand(cls, v: str) -> str:
+        return clean_field(v, "brand")
+
+    @field_validator("description")
+    @classmethod
+    def _clean_description(cls, v: str) -> str:
+        return clean_field(v, "description")
+
+    @field_validator("attributes")
+    @classmethod
+    def _clean_attributes(cls, v: dict[str, str]) -> dict[str, str]:
+        return {clean_field(k, "attribute key"): clean_field(x, "attribute value") for k, x in v.items()}
 
     def category_at(self, level: int) -> str:
         """The category path cut to `level` levels (1 = top level), joined with ' > '; '' if uncategorised."""
