@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from retrieval.types import Filters
@@ -117,7 +118,7 @@ def ingest(
             f"into {svc.settings.store_url}"
         )
         for w in ds.warnings:
-            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
         if ds.rejected:
             console.print(f"[yellow]{len(ds.rejected)} rows rejected[/]; reasons in {report}")
 
@@ -151,6 +152,19 @@ def _filters(
         raise ValueError(f"bad filter flags: {e}") from None
 
 
+def _warn_request(user: str | None, request: Any) -> list[str]:
+    """What a request silently assumed, said on stderr (and returned for the --json output's `warnings`)."""
+    warnings = []
+    if user is not None and not request.history:
+        warnings.append(
+            f"user {user!r} has no history in the store (an unknown id, or none of their events is on a catalog "
+            "item): answering as for a new shopper (cold start). Fix: check the id if the shopper should be known."
+        )
+    for w in warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    return warnings
+
+
 def _show(rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title, title_justify="left")
     for col in ("#", "item", "title", "category", "price", "signals"):
@@ -158,7 +172,8 @@ def _show(rows: list[dict[str, Any]], title: str) -> None:
     for r in rows:
         signals = ", ".join(f"{n}#{e['rank']}" for n, e in r["signals"].items())
         price = "" if r["price"] is None else f"{r['price']:.2f}"
-        table.add_row(str(r["rank"]), r["item_id"], r["title"], r["category"], price, signals)
+        # catalog text is data: printed as the characters it is, never read as rich markup ("[/]" in a title)
+        table.add_row(*(escape(str(v)) for v in (r["rank"], r["item_id"], r["title"], r["category"], price, signals)))
     console.print(table)
 
 
@@ -187,7 +202,9 @@ def candidates(
     )
     rows = svc.describe(svc.candidates(request, k))
     title = f"candidates ({request.mode} mode, user={user or '-'}, {len(request.history)} events in history)"
-    _emit({"mode": request.mode, "user": user, "candidates": rows}, as_json, lambda: _show(rows, title))
+    warnings = _warn_request(user, request)
+    data = {"mode": request.mode, "user": user, "warnings": warnings, "candidates": rows}
+    _emit(data, as_json, lambda: _show(rows, escape(title)))
 
 
 @app.command()
@@ -210,7 +227,8 @@ def search(
         user=user, query=query, filters=_filters(category, min_price, max_price, in_stock, include_seen=False)
     )
     rows = svc.describe(svc.candidates(request, k))
-    _emit({"query": query, "user": user, "results": rows}, as_json, lambda: _show(rows, f"search: {query!r}"))
+    data = {"query": query, "user": user, "warnings": _warn_request(user, request), "results": rows}
+    _emit(data, as_json, lambda: _show(rows, escape(f"search: {query!r}")))
 
 
 @app.command()
@@ -264,8 +282,10 @@ def recommend(
     request = svc.request(
         user=user, query=query, cart=cart_ids, filters=_filters(category, min_price, max_price, in_stock, False)
     )
+    warnings = _warn_request(user, request)
     rec = recommender.recommend(request, cfg)
     data = {
+        "warnings": warnings,
         "mode": rec.mode,
         "fallback": rec.fallback,
         "fallback_reason": rec.fallback_reason,
@@ -278,11 +298,12 @@ def recommend(
 
     def render() -> None:
         head = f"{len(rec.picks)} picks ({rec.mode} mode"
-        head += f", FALLBACK: {rec.fallback_reason})" if rec.fallback else ")"
+        head += f", FALLBACK: {escape(str(rec.fallback_reason))})" if rec.fallback else ")"
         console.print(head, highlight=False)
         for p in rec.picks:
-            console.print(f"  {p.rank}. [bold]{svc.catalog[p.item_id].title}[/] ({p.item_id}) [dim]{p.category}[/]")
-            console.print(f"     {p.reason}", highlight=False)
+            title, item_id, category = (escape(x) for x in (svc.catalog[p.item_id].title, p.item_id, p.category))
+            console.print(f"  {p.rank}. [bold]{title}[/] ({item_id}) [dim]{category}[/]", highlight=False)
+            console.print(f"     {escape(p.reason)}", highlight=False)
 
     _emit(data, as_json, render)
 

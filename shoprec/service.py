@@ -22,6 +22,24 @@ class RequestError(ValueError):
     """A request field is invalid: the message names the field and the fix."""
 
 
+def check_categories(catalog: Catalog, categories: Sequence[str]) -> None:
+    """RequestError for a category filter that no catalog category path starts with (it would silently match
+    nothing), naming the close matches by spelling (difflib) or else the top-level categories."""
+    import difflib
+
+    paths = {" > ".join(it.category[:n]) for it in catalog.items for n in range(1, len(it.category) + 1)}
+    for wanted in categories:
+        if wanted in paths:
+            continue
+        close = difflib.get_close_matches(wanted, sorted(paths), n=5, cutoff=0.6)
+        close += [p for p in sorted(paths) if wanted.lower() in p.lower() and p not in close][: 5 - len(close)]
+        hint = close or sorted({p.split(" > ")[0] for p in paths})[:10]
+        raise RequestError(
+            f"--category / filters.categories: {wanted!r} matches no catalog category. Fix: use a category path "
+            f"(levels joined with ' > '), e.g. {', '.join(repr(h) for h in hint) or 'none: no item has a category'}."
+        )
+
+
 class Shoprec:
     """One shop: its store, catalog and retrieval index, opened lazily from Settings."""
 
@@ -116,6 +134,8 @@ class Shoprec:
                 f"cart: unknown item id(s) {', '.join(unknown)}. Fix: use ids from the catalog "
                 f"(e.g. {', '.join(self.catalog.ids[:3])})."
             )
+        if filters is not None:
+            check_categories(self.catalog, filters.categories)
         history: tuple[str, ...] = ()
         if user is not None:
             history = tuple(ev.item_id for ev in self.store.history(user) if ev.item_id in self.catalog)
