@@ -1,134 +1,189 @@
-"""The embedded SQLite store: the single source of truth for the catalog's items and the users' events.
+"""The store: the single source of truth for the catalog's items, the users' events, the served recommendations
+and the API keys, behind one interface with two backends.
 
-One file (or `:memory:`), WAL mode so readers do not block the writer, and a schema version in a `meta`
-table so an old file fails loudly instead of being misread. Every write is one transaction: a batch lands
-whole or not at all.
+`open_store(url)` picks the backend from the URL: a path, `sqlite:///path` or `:memory:` -> SQLite (the embedded
+default, retrieval/store_sqlite.py); `postgresql://...` -> PostgreSQL (several server processes or machines on one
+store, retrieval/store_postgres.py). Both run the SQL written here (portable SQL, `?` placeholders) and pass the
+same tests (tests/test_store.py is parametrized over both); docs/store.md is the user's guide.
+
+What every backend guarantees:
+- Readers never take the write lock: opening a store and every read succeed while another process writes.
+- Every write is one transaction and writers are serialised, so a batch lands whole or not at all, and `seq`
+  (events) and `version` (items) grow in commit order: a reader that polls `events_since(seq)` never misses a row.
+- Events are idempotent: one event per `event_id` when the source gives one, else per (user, item, type,
+  timestamp, position). Re-sending or re-ingesting the same events adds nothing (`AddResult.duplicates`).
+- Item writes merge by default (PATCH semantics): only the fields an `Item` was given (pydantic's
+  `model_fields_set`) change; `replace=True` replaces whole items. Deletes are soft (events keep their item).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
-import sqlite3
-import threading
-from collections.abc import Iterable, Iterator
+import secrets
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from retrieval.types import Interaction, InteractionType, Item
 
-SCHEMA_VERSION = 1
+__all__ = [
+    "SCHEMA_VERSION",
+    "AddResult",
+    "ApiKey",
+    "IngestResult",
+    "RecommendationLog",
+    "Store",
+    "StoreError",
+    "UpsertResult",
+    "open_store",
+]
+
+# 1: items + events. 2: event ids, dedup keys and attribution; item versions and soft deletes; the
+# recommendation log; API keys. A version-1 file is migrated in place when it is first opened.
+SCHEMA_VERSION = 2
+
+KEY_SCOPES = ("read", "write", "admin")
+Scope = Literal["read", "write", "admin"]
+Endpoint = Literal["recommend", "search", "chat"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS items (
-    id          TEXT PRIMARY KEY,
-    pos         INTEGER NOT NULL UNIQUE,  -- insertion order, kept when an item is updated
-    title       TEXT NOT NULL,
-    category    TEXT NOT NULL,            -- JSON list, root to leaf
-    brand       TEXT NOT NULL,
-    price       REAL,
-    description TEXT NOT NULL,
-    attributes  TEXT NOT NULL,            -- JSON object of str -> str
-    created_at  TEXT,                     -- ISO 8601 as given (offset kept)
-    in_stock    INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (
-    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
-    user_id   TEXT NOT NULL,
-    item_id   TEXT NOT NULL REFERENCES items(id),
-    type      TEXT NOT NULL,
-    value     REAL,
-    timestamp INTEGER,                    -- microseconds since the epoch, UTC: exact and sortable
-    position  INTEGER
-);
-CREATE INDEX IF NOT EXISTS events_user ON events (user_id);
-"""
-
-# Oldest first, the same order as retrieval.events.histories: timestamp, then position, then insertion order.
-_OLDEST_FIRST = "COALESCE(timestamp, 0), COALESCE(position, 0), seq"
-_NEWEST_FIRST = "COALESCE(timestamp, 0) DESC, COALESCE(position, 0) DESC, seq DESC"
-_EVENT_COLUMNS = "user_id, item_id, type, value, timestamp, position"
-_ITEM_COLUMNS = "id, title, category, brand, price, description, attributes, created_at, in_stock"
+_SEP = "\x1f"  # the ASCII unit separator: cannot occur in an id by accident, so keys cannot collide
+_ID_CHUNK = 500  # ids per `IN (...)`: well under SQLite's and PostgreSQL's limits on bound parameters
 
 
 class StoreError(ValueError):
-    """A write the store refuses (nothing of the batch was written), or a file it cannot open."""
+    """A write the store refuses (nothing of the batch was written), or a store it cannot open: the message names
+    the store or the id and the fix."""
 
 
-def _resolve(url_or_path: str | Path) -> str:
-    """Path, `sqlite:///relative/path`, `sqlite:////absolute/path` or `:memory:` -> sqlite3's target.
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    The URL forms follow SQLAlchemy: three slashes then the path, so an absolute path has four; a bare
-    `sqlite://` is an in-memory database.
+
+class AddResult(_Frozen):
+    """What `add_events` did with a batch."""
+
+    new: int = Field(ge=0, description="Events written.")
+    duplicates: int = Field(ge=0, description="Events skipped because the store already had them (same event id or "
+                            "same user, item, type, timestamp and position).")  # fmt: skip
+
+
+class UpsertResult(_Frozen):
+    """What `upsert_items` did with a batch."""
+
+    new: int = Field(ge=0, description="Items that were not in the store (or were deleted) and now are.")
+    updated: int = Field(ge=0, description="Items whose stored fields changed.")
+    unchanged: int = Field(ge=0, description="Items given with exactly the stored values (nothing written).")
+
+
+class IngestResult(_Frozen):
+    """What `ingest` did: its items and its events."""
+
+    items: UpsertResult = Field(description="The item upserts.")
+    events: AddResult = Field(description="The events.")
+
+
+class RecommendationLog(_Frozen):
+    """One served list, kept for attribution (events carry its id) and for online A/B analysis."""
+
+    id: str = Field(
+        default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=200,
+        description="The recommendation id returned to the caller (uuid4 hex by default).",
+    )  # fmt: skip
+    created_at: datetime = Field(
+        default_factory=lambda: datetime.now(UTC), description="When it was served (timezone-aware, UTC)."
+    )
+    endpoint: Endpoint = Field(description="Which endpoint served it.")
+    user_id: str | None = Field(default=None, description="The shopper's user id, when the request named one.")
+    unit_id: str | None = Field(
+        default=None, description="The id an experiment assigned its variant by (user id, or a session id)."
+    )
+    items: tuple[str, ...] = Field(description="Item ids in the order shown: index 0 is position 1.")
+    mode: str = Field(description="How the list was made: retrieval, score, generate, ...")
+    fallback: bool = Field(default=False, description="Whether a fallback (retrieval order) served it.")
+    experiment: str | None = Field(default=None, description="The experiment the request was part of, if any.")
+    variant: str | None = Field(default=None, description="The experiment's variant that served it, if any.")
+    request: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The request's fields as the caller sent them (no personal data beyond what the shopper typed).",
+    )
+
+
+class ApiKey(_Frozen):
+    """An API key as the store knows it: never the secret, which is shown once by `create_key`."""
+
+    id: str = Field(description="Public part of the key (`sr_<id>_<secret>`): what lists and logs show.")
+    name: str = Field(description="What the key is for, e.g. 'shop frontend'.")
+    scopes: tuple[Scope, ...] = Field(description="read: recommend/search; write: events; admin: items and keys.")
+    created_at: datetime = Field(description="When it was created (UTC).")
+    revoked_at: datetime | None = Field(default=None, description="When it was revoked; None while it is valid.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The database-API subset both backends speak
+# ---------------------------------------------------------------------------------------------------
+
+
+class Cursor(Protocol):
+    """What the shared SQL needs from a cursor; `?` placeholders (the PostgreSQL backend translates them)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    def fetchone(self) -> tuple[Any, ...] | None: ...
+
+    def fetchall(self) -> list[tuple[Any, ...]]: ...
+
+
+_EVENT_COLUMNS = 'user_id, item_id, type, value, "timestamp", "position", event_id, recommendation_id'
+_ITEM_COLUMNS = "id, title, category, brand, price, description, attributes, created_at, in_stock"
+# Oldest first, the same order as retrieval.events.histories: timestamp, then position, then insertion order.
+_OLDEST_FIRST = 'COALESCE("timestamp", 0), COALESCE("position", 0), seq'
+_NEWEST_FIRST = 'COALESCE("timestamp", 0) DESC, COALESCE("position", 0) DESC, seq DESC'
+_REC_COLUMNS = "id, created_at, endpoint, user_id, unit_id, items, mode, fallback, experiment, variant, request"
+_KEY_COLUMNS = "id, name, scopes, created_at, revoked_at"
+
+
+class Store(ABC):
+    """Items, events, served recommendations and API keys; `open_store(url)` opens one.
+
+    Thread-safe: the HTTP service calls one store from many threads. Use it as a context manager or call
+    `close()`. The backends implement only how to connect, read and write (`_read`, `_write`); every query is
+    here, so both answer alike.
     """
-    target = str(url_or_path)
-    if target.startswith("sqlite://"):
-        rest = target.removeprefix("sqlite://")
-        if rest and not rest.startswith("/"):
-            raise StoreError(
-                f"store URL {target!r} has a host part; use sqlite:///relative/path, "
-                "sqlite:////absolute/path or sqlite:///:memory:"
-            )
-        target = rest[1:] or ":memory:"
-    elif "://" in target:
-        raise StoreError(f"unsupported store URL {target!r}; the store is SQLite: a path or sqlite:///path")
-    if not target:
-        raise StoreError("empty store path; give a file path, sqlite:///path or :memory:")
-    if target != ":memory:":
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-    return target
 
-
-class Store:
-    """Items and events in one SQLite database.
-
-    `Store("var/shop.db")`, `Store("sqlite:///var/shop.db")` or `Store(":memory:")`; use it as a context
-    manager or call `close()`. Safe to share between threads (one lock around the connection).
-    """
-
-    def __init__(self, url_or_path: str | Path) -> None:
-        self.path = _resolve(url_or_path)
-        self._lock = threading.RLock()
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        try:
-            self._conn.execute("PRAGMA journal_mode=WAL")  # ignored (stays 'memory') for :memory:
-            self._conn.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a crash loses <= 1 commit
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._init_schema()
-        except BaseException:
-            self._conn.close()
-            raise
+    url: str  # where the store lives, for messages (a PostgreSQL URL without its password)
 
     # -----------------------------------------------------------------------------------------------
-    # Lifecycle
+    # Backend hooks
     # -----------------------------------------------------------------------------------------------
 
-    def _init_schema(self) -> None:
-        with self._transaction() as cur:  # one by one: executescript() would commit on its own
-            for statement in _SCHEMA.split(";"):  # (no ';' inside the schema's comments)
-                if statement.strip():
-                    cur.execute(statement)
-            row = cur.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                version = (str(SCHEMA_VERSION),)
-                cur.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", version)
-            elif row[0] != str(SCHEMA_VERSION):
-                raise StoreError(
-                    f"{self.path} has schema version {row[0]}, this code reads version {SCHEMA_VERSION}. "
-                    "Fix: rebuild the store from the source data (load_dataset, then upsert_items/add_events)"
-                )
+    @abstractmethod
+    def _read(self) -> AbstractContextManager[Cursor]:
+        """A cursor for reads. Never takes the write lock; statements inside see one consistent snapshot."""
 
+    @abstractmethod
+    def _write(self) -> AbstractContextManager[Cursor]:
+        """One write transaction: committed when the block ends, rolled back on any exception. Writers (threads
+        and processes) are serialised, so `seq` and `version` values become visible in the order they grow."""
+
+    @abstractmethod
     def close(self) -> None:
-        """Close the connection; the store cannot be used afterwards."""
-        with self._lock:
-            self._conn.close()
+        """Close every connection; the store cannot be used afterwards."""
 
     def __enter__(self) -> Store:
         return self
@@ -139,61 +194,385 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Store({self.path!r})"
-
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._conn, self._lock)
+        return f"{type(self).__name__}({self.url!r})"
 
     # -----------------------------------------------------------------------------------------------
-    # Writes
+    # Items
     # -----------------------------------------------------------------------------------------------
 
-    def upsert_items(self, items: Iterable[Item]) -> int:
-        """Insert new items and replace existing ones (same id), keeping their place; returns the count."""
+    def upsert_items(self, items: Iterable[Item], *, replace: bool = False) -> UpsertResult:
+        """Insert new items and update existing ones (same id), keeping their place, in one transaction.
+
+        Merge by default: an existing item changes only in the fields the given `Item` was constructed with
+        (`model_fields_set`), so `Item(id="a", title="New")` renames item a and keeps its category, brand, price...
+        `replace=True` replaces whole items (fields not given take the `Item` defaults). A deleted id comes back
+        as a new item. Items equal to what is stored are not written (`unchanged`), so re-ingesting a catalog
+        bumps no versions.
+        """
         batch = list(items)
-        with self._transaction() as cur:
-            self._upsert_items(cur, batch)
-        return len(batch)
+        with self._write() as cur:
+            return self._upsert_items(cur, batch, replace)
 
-    def add_events(self, events: Iterable[Interaction]) -> int:
-        """Append events in one transaction. If any names an item that is not in the store, nothing is written
-        and `StoreError` names the unknown ids. Returns the number of events added."""
+    def patch_item(self, item_id: str, fields: Mapping[str, Any]) -> Item:
+        """Change some fields of one item (e.g. `{"price": 9.5, "in_stock": False}`) and return the new item.
+
+        An unknown or deleted id, an unknown field, a change of `id` or an invalid value is a `StoreError`
+        naming it; nothing is written then.
+        """
+        unknown = sorted(set(fields) - set(Item.model_fields))
+        if unknown:
+            raise StoreError(
+                f"unknown item field(s) {', '.join(unknown)}; valid fields: {', '.join(Item.model_fields)}"
+            )
+        if "id" in fields and fields["id"] != item_id:
+            raise StoreError(f"cannot change the id of item {item_id!r}; delete it and create a new item instead")
+        with self._write() as cur:
+            current = self._live_items(cur, [item_id]).get(item_id)
+            if current is None:
+                raise StoreError(f"no item {item_id!r} in the store. Fix: create it first (upsert_items / PUT)")
+            try:
+                patched = Item(**{**current.model_dump(), **fields})
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(x) for x in err["loc"])
+                raise StoreError(f"item {item_id!r}: field {where}: {err['msg']}") from None
+            if patched != current:
+                self._write_items(cur, [patched], self._next_version(cur))
+        return patched
+
+    def delete_item(self, item_id: str) -> bool:
+        """Soft-delete an item: `items()`/`item()` stop returning it, its events stay (and keep their item id).
+        Returns False when there was no such live item."""
+        with self._write() as cur:
+            version = self._next_version(cur)
+            cur.execute("UPDATE items SET deleted = 1, version = ? WHERE id = ? AND deleted = 0", (version, item_id))
+            return cur.rowcount > 0
+
+    def items(self) -> list[Item]:
+        """All live (not deleted) items, in the order they were first inserted."""
+        with self._read() as cur:
+            rows = cur.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE deleted = 0 ORDER BY pos").fetchall()
+        return [_item_from(r) for r in rows]
+
+    def item(self, item_id: str) -> Item | None:
+        """One live item by id; None when there is no such item or it was deleted."""
+        with self._read() as cur:
+            row = cur.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ? AND deleted = 0", (item_id,)).fetchone()
+        return _item_from(row) if row else None
+
+    def deleted_ids(self) -> list[str]:
+        """Ids of the deleted items, in insertion order."""
+        with self._read() as cur:
+            return [r[0] for r in cur.execute("SELECT id FROM items WHERE deleted = 1 ORDER BY pos").fetchall()]
+
+    def item_version(self) -> int:
+        """The catalog's change counter: grows with every item write (upsert, patch, delete); 0 when empty."""
+        with self._read() as cur:
+            row = cur.execute("SELECT COALESCE(MAX(version), 0) FROM items").fetchone()
+        return int(row[0]) if row else 0
+
+    def item_changes_since(self, version: int) -> tuple[int, list[Item], list[str]]:
+        """What changed in the catalog after `version`: (the new version, upserted items, deleted ids).
+
+        A replica keeps the returned version and asks again with it; start from 0 for everything, or from
+        `item_version()` for changes from now on.
+        """
+        with self._read() as cur:
+            rows = cur.execute(
+                f"SELECT {_ITEM_COLUMNS}, deleted, version FROM items WHERE version > ? ORDER BY version, pos",
+                (version,),
+            ).fetchall()
+        changed = [_item_from(r[:9]) for r in rows if not r[9]]
+        deleted = [r[0] for r in rows if r[9]]
+        return max((int(r[10]) for r in rows), default=version), changed, deleted
+
+    # -----------------------------------------------------------------------------------------------
+    # Events
+    # -----------------------------------------------------------------------------------------------
+
+    def add_events(self, events: Iterable[Interaction]) -> AddResult:
+        """Add events in one transaction, skipping the ones the store already has (idempotent).
+
+        An event is the same as a stored one when both carry the same `event_id`, or, for events without one,
+        when user, item, type, timestamp and position are all equal (every event has a timestamp or a position,
+        so every event is deduplicated). If any event names an item that was never in the store, nothing is
+        written and `StoreError` names the unknown ids. When this returns, the events are committed.
+        """
         batch = list(events)
-        with self._transaction() as cur:
-            self._add_events(cur, batch)
-        return len(batch)
+        with self._write() as cur:
+            return self._add_events(cur, batch)
 
-    def ingest(self, items: Iterable[Item], events: Iterable[Interaction]) -> dict[str, int]:
-        """Upsert items and append events in ONE transaction (a loaded Dataset lands whole or not at all).
+    def ingest(
+        self,
+        items: Iterable[Item],
+        events: Iterable[Interaction],
+        *,
+        replace: bool = False,
+        chunk_size: int | None = None,
+    ) -> IngestResult:
+        """Upsert items, then add events (see `upsert_items` and `add_events`).
 
-        Returns how many items and events were written."""
-        item_batch, event_batch = list(items), list(events)
-        with self._transaction() as cur:
-            self._upsert_items(cur, item_batch)
-            self._add_events(cur, event_batch)
-        return {"items": len(item_batch), "interactions": len(event_batch)}
+        `chunk_size=None`: ONE transaction, all or nothing (a loaded `Dataset` lands whole). `chunk_size=N`: the
+        iterables are consumed lazily and committed every N rows, so memory stays bounded whatever the input
+        size and a live service's writers wait at most one chunk; a run that fails half-way leaves the chunks
+        before the failure, and running it again is safe because items merge and events are deduplicated.
+        """
+        if chunk_size is None:
+            item_batch, event_batch = list(items), list(events)
+            with self._write() as cur:
+                item_result = self._upsert_items(cur, item_batch, replace)
+                event_result = self._add_events(cur, event_batch)
+            return IngestResult(items=item_result, events=event_result)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        new = updated = unchanged = 0
+        for item_chunk in _batched(items, chunk_size):
+            r = self.upsert_items(item_chunk, replace=replace)
+            new, updated, unchanged = new + r.new, updated + r.updated, unchanged + r.unchanged
+        added = duplicates = 0
+        for event_chunk in _batched(events, chunk_size):
+            a = self.add_events(event_chunk)
+            added, duplicates = added + a.new, duplicates + a.duplicates
+        return IngestResult(
+            items=UpsertResult(new=new, updated=updated, unchanged=unchanged),
+            events=AddResult(new=added, duplicates=duplicates),
+        )
+
+    def interactions(self) -> list[Interaction]:
+        """All events, in the order they were added."""
+        with self._read() as cur:
+            rows = cur.execute(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq").fetchall()
+        return [_event_from(r) for r in rows]
+
+    def iter_interactions(self, batch_size: int = 10_000) -> Iterator[Interaction]:
+        """All events in the order they were added, read `batch_size` at a time (memory bounded by the batch)."""
+        seq = 0
+        while True:
+            page = self.events_since(seq, limit=batch_size)
+            if not page:
+                return
+            seq = page[-1][0]
+            yield from (ev for _, ev in page)
+
+    def events_since(self, seq: int, limit: int | None = None) -> list[tuple[int, Interaction]]:
+        """Events added after sequence number `seq`, oldest first, as (seq, event); at most `limit`.
+
+        The change feed of live serving: keep the last seq seen and ask again with it (start from
+        `last_event_seq()` for events from now on, or 0 for all).
+        """
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        sql = f"SELECT seq, {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq"
+        params: tuple[Any, ...] = (seq,)
+        if limit is not None:
+            sql, params = sql + " LIMIT ?", (seq, limit)
+        with self._read() as cur:
+            rows = cur.execute(sql, params).fetchall()
+        return [(int(r[0]), _event_from(r[1:])) for r in rows]
+
+    def last_event_seq(self) -> int:
+        """The sequence number of the newest event; 0 when there is none."""
+        with self._read() as cur:
+            row = cur.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        return int(row[0]) if row else 0
+
+    def history(self, user_id: str, limit: int | None = None) -> list[Interaction]:
+        """The user's events, oldest first; with `limit`, only the newest `limit` (still oldest first)."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        select = f"SELECT {_EVENT_COLUMNS} FROM events WHERE user_id = ?"
+        with self._read() as cur:
+            if limit is None:
+                rows = cur.execute(f"{select} ORDER BY {_OLDEST_FIRST}", (user_id,)).fetchall()
+            else:  # the newest `limit`, turned back to oldest first
+                rows = cur.execute(f"{select} ORDER BY {_NEWEST_FIRST} LIMIT ?", (user_id, limit)).fetchall()[::-1]
+        return [_event_from(r) for r in rows]
+
+    def users(self) -> list[str]:
+        """Every user id with at least one event, in order of first appearance."""
+        with self._read() as cur:
+            rows = cur.execute("SELECT user_id FROM events GROUP BY user_id ORDER BY MIN(seq)").fetchall()
+        return [r[0] for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Distinct users, live items and events, keyed like `Dataset.summary()`."""
+        with self._read() as cur:
+            users = cur.execute("SELECT COUNT(DISTINCT user_id) FROM events").fetchone()
+            items = cur.execute("SELECT COUNT(*) FROM items WHERE deleted = 0").fetchone()
+            events = cur.execute("SELECT COUNT(*) FROM events").fetchone()
+        return {"users": _one(users), "items": _one(items), "interactions": _one(events)}
+
+    # -----------------------------------------------------------------------------------------------
+    # The recommendation log
+    # -----------------------------------------------------------------------------------------------
+
+    def log_recommendation(self, entry: RecommendationLog) -> None:
+        """Store a served list. Its id must be new (`StoreError` otherwise: ids are what events point at)."""
+        row = (
+            entry.id,
+            _micros(entry.created_at),
+            entry.endpoint,
+            entry.user_id,
+            entry.unit_id,
+            json.dumps(list(entry.items)),
+            entry.mode,
+            int(entry.fallback),
+            entry.experiment,
+            entry.variant,
+            json.dumps(entry.request, ensure_ascii=False, sort_keys=True, default=str),
+        )
+        with self._write() as cur:
+            if cur.execute("SELECT 1 FROM recommendations WHERE id = ?", (entry.id,)).fetchone():
+                raise StoreError(f"recommendation id {entry.id!r} is already logged; ids must be unique")
+            cur.execute(f"INSERT INTO recommendations ({_REC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    def recommendation(self, rec_id: str) -> RecommendationLog | None:
+        """One logged recommendation by id; None when unknown."""
+        with self._read() as cur:
+            row = cur.execute(f"SELECT {_REC_COLUMNS} FROM recommendations WHERE id = ?", (rec_id,)).fetchone()
+        return _rec_from(row) if row else None
+
+    def recommendations(self, experiment: str | None = None, since: datetime | None = None) -> list[RecommendationLog]:
+        """Logged recommendations, oldest first; only `experiment`'s when given, only those at or after `since`."""
+        sql, params = f"SELECT {_REC_COLUMNS} FROM recommendations WHERE 1 = 1", list[Any]()
+        if experiment is not None:
+            sql += " AND experiment = ?"
+            params.append(experiment)
+        if since is not None:
+            sql += " AND created_at >= ?"
+            params.append(_micros(since))
+        with self._read() as cur:
+            rows = cur.execute(sql + " ORDER BY created_at, id", tuple(params)).fetchall()
+        return [_rec_from(r) for r in rows]
+
+    def events_for_recommendations(self, rec_ids: Iterable[str]) -> list[Interaction]:
+        """The events that carry one of these recommendation ids, in the order they were added."""
+        wanted = sorted(set(rec_ids))
+        rows: list[tuple[int, tuple[Any, ...]]] = []
+        with self._read() as cur:
+            for chunk in _chunks(wanted, _ID_CHUNK):
+                marks = ", ".join("?" * len(chunk))
+                sql = f"SELECT seq, {_EVENT_COLUMNS} FROM events WHERE recommendation_id IN ({marks})"
+                rows.extend((r[0], r[1:]) for r in cur.execute(sql, chunk).fetchall())
+        return [_event_from(r) for _, r in sorted(rows, key=lambda x: x[0])]
+
+    # -----------------------------------------------------------------------------------------------
+    # API keys
+    # -----------------------------------------------------------------------------------------------
+
+    def create_key(self, name: str, scopes: Sequence[str]) -> tuple[ApiKey, str]:
+        """Create an API key; returns it and its secret `sr_<id>_<secret>`, shown this once.
+
+        The store keeps only a salted SHA-256 of the secret: a leaked database does not leak usable keys, and a
+        lost secret cannot be recovered (create a new key and revoke the old one).
+        """
+        name = name.strip()
+        if not name:
+            raise StoreError("an API key needs a name saying what it is for, e.g. 'shop frontend'")
+        chosen = tuple(dict.fromkeys(s.strip() for s in scopes if s.strip()))
+        bad = [s for s in chosen if s not in KEY_SCOPES]
+        if bad or not chosen:
+            raise StoreError(
+                f"unknown scope(s) {', '.join(bad) or '(none given)'}; valid scopes: {', '.join(KEY_SCOPES)}"
+            )
+        key_id, secret_part, salt = secrets.token_hex(8), secrets.token_urlsafe(32), secrets.token_hex(16)
+        secret = f"sr_{key_id}_{secret_part}"
+        key = ApiKey(id=key_id, name=name, scopes=chosen, created_at=datetime.now(UTC))  # type: ignore[arg-type]
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO api_keys (id, name, scopes, created_at, revoked_at, salt, hash) "
+                "VALUES (?, ?, ?, ?, NULL, ?, ?)",
+                (key_id, name, json.dumps(list(chosen)), _micros(key.created_at), salt, _key_hash(salt, secret)),
+            )
+        return key, secret
+
+    def verify_key(self, secret: str) -> ApiKey | None:
+        """The key this secret belongs to, or None (unknown, malformed, wrong secret or revoked)."""
+        parts = secret.split("_", 2)
+        if len(parts) != 3 or parts[0] != "sr" or not parts[1]:
+            return None
+        with self._read() as cur:
+            row = cur.execute(f"SELECT {_KEY_COLUMNS}, salt, hash FROM api_keys WHERE id = ?", (parts[1],)).fetchone()
+        if row is None:
+            return None
+        key, salt, stored = _key_from(row[:5]), row[5], row[6]
+        if not hmac.compare_digest(_key_hash(salt, secret), stored):  # constant time: no timing oracle
+            return None
+        return key if key.revoked_at is None else None
+
+    def list_keys(self) -> list[ApiKey]:
+        """Every key, revoked ones included, oldest first."""
+        with self._read() as cur:
+            rows = cur.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY created_at, id").fetchall()
+        return [_key_from(r) for r in rows]
+
+    def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key for good; False when there is no such key or it was already revoked."""
+        with self._write() as cur:
+            cur.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (_micros(datetime.now(UTC)), key_id),
+            )
+            return cur.rowcount > 0
+
+    # -----------------------------------------------------------------------------------------------
+    # Shared write steps (inside one `_write()` transaction)
+    # -----------------------------------------------------------------------------------------------
+
+    def _upsert_items(self, cur: Cursor, batch: list[Item], replace: bool) -> UpsertResult:
+        if not batch:
+            return UpsertResult(new=0, updated=0, unchanged=0)
+        stored = self._live_items(cur, [it.id for it in batch])
+        before = dict(stored)  # what the store held before this batch, to count new vs updated
+        for it in batch:  # in order: a later row of the same id merges onto the earlier one
+            current = stored.get(it.id)
+            if current is None or replace:
+                stored[it.id] = it
+            else:
+                stored[it.id] = current.model_copy(update={f: getattr(it, f) for f in it.model_fields_set})
+        changed = [it for item_id, it in stored.items() if before.get(item_id) != it]
+        if changed:
+            self._write_items(cur, changed, self._next_version(cur))
+        seen = {it.id for it in batch}
+        new = sum(1 for item_id in seen if item_id not in before)
+        updated = sum(1 for it in changed if it.id in before)
+        return UpsertResult(new=new, updated=updated, unchanged=len(seen) - new - updated)
+
+    def _live_items(self, cur: Cursor, ids: Sequence[str]) -> dict[str, Item]:
+        found: dict[str, Item] = {}
+        for chunk in _chunks(sorted(set(ids)), _ID_CHUNK):
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT {_ITEM_COLUMNS} FROM items WHERE deleted = 0 AND id IN ({marks})"
+            for row in cur.execute(sql, chunk).fetchall():
+                found[row[0]] = _item_from(row)
+        return found
 
     @staticmethod
-    def _upsert_items(cur: sqlite3.Cursor, batch: list[Item]) -> None:
-        rows = (_item_row(it) for it in batch)
+    def _next_version(cur: Cursor) -> int:
+        row = cur.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM items").fetchone()
+        return _one(row)
+
+    @staticmethod
+    def _write_items(cur: Cursor, items: list[Item], version: int) -> None:
+        # A new id takes the next place (pos); an existing or deleted one keeps its place and comes back to life.
         cur.executemany(
-            """
-            INSERT INTO items (pos, id, title, category, brand, price, description, attributes,
-                               created_at, in_stock)
-            VALUES ((SELECT COALESCE(MAX(pos), -1) + 1 FROM items), ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            f"""
+            INSERT INTO items (pos, {_ITEM_COLUMNS}, version, deleted)
+            VALUES ((SELECT COALESCE(MAX(pos), -1) + 1 FROM items), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)
             ON CONFLICT (id) DO UPDATE SET
                 title = excluded.title, category = excluded.category, brand = excluded.brand,
                 price = excluded.price, description = excluded.description,
                 attributes = excluded.attributes, created_at = excluded.created_at,
-                in_stock = excluded.in_stock
+                in_stock = excluded.in_stock, version = excluded.version, deleted = 0
             """,
-            rows,
+            [(*_item_row(it), version) for it in items],
         )
 
-    @classmethod
-    def _add_events(cls, cur: sqlite3.Cursor, batch: list[Interaction]) -> None:
+    def _add_events(self, cur: Cursor, batch: list[Interaction]) -> AddResult:
+        if not batch:
+            return AddResult(new=0, duplicates=0)
         wanted = {ev.item_id for ev in batch}
-        unknown = wanted - cls._existing_ids(cur, wanted)
+        unknown = wanted - self._known_ids(cur, wanted)
         if unknown:
             first = next(i for i, ev in enumerate(batch) if ev.item_id in unknown)
             shown = ", ".join(repr(i) for i in sorted(unknown)[:10])
@@ -203,91 +582,59 @@ class Store:
                 f"(first at batch index {first}); nothing of this batch of {len(batch)} events was "
                 "written. Fix: upsert_items() those items first, or drop the events that name them"
             )
-        rows = (_event_row(ev) for ev in batch)
-        cur.executemany(f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", rows)
+        cur.executemany(
+            f"INSERT INTO events ({_EVENT_COLUMNS}, dedup_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (dedup_key) DO NOTHING",
+            [(*_event_row(ev), dedup_key(ev)) for ev in batch],
+        )
+        new = max(cur.rowcount, 0)
+        return AddResult(new=new, duplicates=len(batch) - new)
 
     @staticmethod
-    def _existing_ids(cur: sqlite3.Cursor, ids: set[str]) -> set[str]:
+    def _known_ids(cur: Cursor, ids: set[str]) -> set[str]:
+        """Ids that are or were items (deleted ones too: an event about a deleted item still happened)."""
         found: set[str] = set()
-        for chunk in _chunks(sorted(ids), 500):  # stay under SQLite's limit on bound parameters
+        for chunk in _chunks(sorted(ids), _ID_CHUNK):
             marks = ", ".join("?" * len(chunk))
-            found.update(r[0] for r in cur.execute(f"SELECT id FROM items WHERE id IN ({marks})", chunk))
+            found.update(r[0] for r in cur.execute(f"SELECT id FROM items WHERE id IN ({marks})", chunk).fetchall())
         return found
 
-    # -----------------------------------------------------------------------------------------------
-    # Reads
-    # -----------------------------------------------------------------------------------------------
 
-    def items(self) -> list[Item]:
-        """All items, in the order they were first inserted."""
-        return [_item_from(r) for r in self._query(f"SELECT {_ITEM_COLUMNS} FROM items ORDER BY pos")]
-
-    def item(self, item_id: str) -> Item | None:
-        """One item by id; None when there is no such item."""
-        rows = self._query(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,))
-        return _item_from(rows[0]) if rows else None
-
-    def interactions(self) -> list[Interaction]:
-        """All events, in the order they were added."""
-        return [_event_from(r) for r in self._query(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq")]
-
-    def history(self, user_id: str, limit: int | None = None) -> list[Interaction]:
-        """The user's events, oldest first; with `limit`, only the newest `limit` (still oldest first)."""
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0 or None, got {limit}")
-        select = f"SELECT {_EVENT_COLUMNS} FROM events WHERE user_id = ?"
-        if limit is None:
-            rows = self._query(f"{select} ORDER BY {_OLDEST_FIRST}", (user_id,))
-        else:  # the newest `limit`, turned back to oldest first
-            rows = self._query(f"{select} ORDER BY {_NEWEST_FIRST} LIMIT ?", (user_id, limit))[::-1]
-        return [_event_from(r) for r in rows]
-
-    def users(self) -> list[str]:
-        """Every user id with at least one event, in order of first appearance."""
-        return [r[0] for r in self._query("SELECT user_id FROM events GROUP BY user_id ORDER BY MIN(seq)")]
-
-    def counts(self) -> dict[str, int]:
-        """Distinct users, items and events, keyed like `Dataset.summary()`."""
-        (users,), (items,), (events,) = (
-            self._query("SELECT COUNT(DISTINCT user_id) FROM events")[0],
-            self._query("SELECT COUNT(*) FROM items")[0],
-            self._query("SELECT COUNT(*) FROM events")[0],
-        )
-        return {"users": users, "items": items, "interactions": events}
-
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._conn.execute(sql, params).fetchall()
+# ---------------------------------------------------------------------------------------------------
+# Opening a store
+# ---------------------------------------------------------------------------------------------------
 
 
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception; holds the store's lock throughout."""
+def open_store(url: str | Path, *, create: bool = True) -> Store:
+    """Open the store at `url`: a path, `sqlite:///path`, `:memory:` (SQLite) or `postgresql://...`.
 
-    def __init__(self, conn: sqlite3.Connection, lock: threading.RLock) -> None:
-        self._conn = conn
-        self._lock = lock
+    `create=False` is for commands that only read: a store that does not exist is a `StoreError` naming it and
+    the fix (`shoprec ingest`, or check --home / --store) instead of a new empty store. Anything that is not a
+    shoprec store (a directory, another kind of file, a truncated file) is a one-line `StoreError`. An older
+    schema is migrated in place on first open.
+    """
+    target = str(url)
+    if target.startswith(("postgresql://", "postgres://")):
+        from retrieval.store_postgres import PostgresStore
 
-    def __enter__(self) -> sqlite3.Cursor:
-        self._lock.acquire()
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first write
-        except BaseException:
-            self._lock.release()
-            raise
-        return self._conn.cursor()
+        return PostgresStore(target, create=create)
+    from retrieval.store_sqlite import SQLiteStore
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        try:
-            self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
-        finally:
-            self._lock.release()
+    return SQLiteStore(target, create=create)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Row <-> model
 # ---------------------------------------------------------------------------------------------------
+
+
+def dedup_key(ev: Interaction) -> str:
+    """The identity of an event: its source id when it has one, else user, item, type, timestamp and position."""
+    if ev.event_id is not None:
+        return f"e{_SEP}{ev.event_id}"
+    ts = "" if ev.timestamp is None else str(_micros(ev.timestamp))
+    pos = "" if ev.position is None else str(ev.position)
+    return _SEP.join(("k", ev.user_id, ev.item_id, ev.type.value, ts, pos))
 
 
 def _item_row(it: Item) -> tuple[Any, ...]:
@@ -304,7 +651,7 @@ def _item_row(it: Item) -> tuple[Any, ...]:
     )
 
 
-def _item_from(r: tuple[Any, ...]) -> Item:
+def _item_from(r: Sequence[Any]) -> Item:
     item_id, title, category, brand, price, description, attributes, created_at, in_stock = r
     return Item(
         id=item_id,
@@ -320,29 +667,82 @@ def _item_from(r: tuple[Any, ...]) -> Item:
 
 
 def _micros(ts: datetime) -> int:
+    """Microseconds since the epoch, UTC: exact and sortable (a float of seconds would round)."""
     if ts.tzinfo is None:  # the data types document timestamps as UTC; a naive one is taken to be UTC
         ts = ts.replace(tzinfo=UTC)
     delta = ts - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+def _from_micros(us: int | None) -> datetime | None:
+    return None if us is None else _EPOCH + timedelta(microseconds=int(us))
+
+
+def _when(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(us))
+
+
 def _event_row(ev: Interaction) -> tuple[Any, ...]:
     ts = _micros(ev.timestamp) if ev.timestamp is not None else None
-    return (ev.user_id, ev.item_id, ev.type.value, ev.value, ts, ev.position)
+    return (ev.user_id, ev.item_id, ev.type.value, ev.value, ts, ev.position, ev.event_id, ev.recommendation_id)
 
 
-def _event_from(r: tuple[Any, ...]) -> Interaction:
-    user_id, item_id, type_, value, ts, position = r
+def _event_from(r: Sequence[Any]) -> Interaction:
+    user_id, item_id, type_, value, ts, position, event_id, recommendation_id = r
     return Interaction(
         user_id=user_id,
         item_id=item_id,
         type=InteractionType(type_),
         value=value,
-        timestamp=_EPOCH + timedelta(microseconds=ts) if ts is not None else None,
+        timestamp=_from_micros(ts),
         position=position,
+        event_id=event_id,
+        recommendation_id=recommendation_id,
     )
 
 
-def _chunks(seq: list[str], size: int) -> Iterator[list[str]]:
+def _rec_from(r: Sequence[Any]) -> RecommendationLog:
+    rec_id, created, endpoint, user_id, unit_id, items, mode, fallback, experiment, variant, request = r
+    return RecommendationLog(
+        id=rec_id,
+        created_at=_when(created),
+        endpoint=endpoint,
+        user_id=user_id,
+        unit_id=unit_id,
+        items=tuple(json.loads(items)),
+        mode=mode,
+        fallback=bool(fallback),
+        experiment=experiment,
+        variant=variant,
+        request=json.loads(request),
+    )
+
+
+def _key_from(r: Sequence[Any]) -> ApiKey:
+    key_id, name, scopes, created, revoked = r
+    return ApiKey(
+        id=key_id,
+        name=name,
+        scopes=tuple(json.loads(scopes)),
+        created_at=_when(created),
+        revoked_at=_from_micros(revoked),
+    )
+
+
+def _key_hash(salt: str, secret: str) -> str:
+    return hashlib.sha256(f"{salt}{_SEP}{secret}".encode()).hexdigest()
+
+
+def _one(row: tuple[Any, ...] | None) -> int:
+    return int(row[0]) if row else 0
+
+
+def _chunks(seq: Sequence[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(seq), size):
-        yield seq[start : start + size]
+        yield list(seq[start : start + size])
+
+
+def _batched(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(rows)
+    while chunk := list(islice(it, size)):
+        yield chunk

@@ -100,6 +100,18 @@ class Interaction(_Frozen):
     position: int | None = Field(
         default=None, ge=0, description="Order within the user's history when there is no timestamp."
     )
+    event_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="The source's own id for this event; the store keeps one event per id (re-sends are no-ops).",
+    )
+    recommendation_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Id of the served recommendation this click/cart/purchase came from (attribution, A/B).",
+    )
 
     @model_validator(mode="after")
     def _needs_order(self) -> Interaction:
