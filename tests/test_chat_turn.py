@@ -14,6 +14,7 @@ from retrieval.catalog import Catalog
 from retrieval.events import histories
 from retrieval.fusion import FusionRetriever
 from retrieval.index import fit_signals
+from shoprec.chat.api import Conversations
 from shoprec.chat.state import ChatState
 from shoprec.chat.turn import ChatConfig, ChatEngine, violations
 
@@ -116,3 +117,13 @@ def test_without_llm_the_first_cards_are_the_answer(small_shop, engine):
     eng = ChatEngine(engine.catalog, engine.recommender, config=ChatConfig(use_llm=False))
     events = list(eng.run("under 50", ChatState(asked=True)))
     assert [e.stage for e in events] == ["retrieval"]
+
+
+def test_conversation_store_is_bounded_and_expires():
+    store = Conversations(size=3, ttl_s=60)
+    ids = [store.get_or_create(None, None)[0] for _ in range(5)]
+    assert len(store) == 3 and store.get(ids[0]) is None and store.get(ids[-1]) is not None
+    expiring = Conversations(size=10, ttl_s=0.0)
+    cid, _ = expiring.get_or_create(None, None)
+    expiring.get_or_create(None, None)
+    assert expiring.get(cid) is None
