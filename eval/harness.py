@@ -59,6 +59,7 @@ from eval.metrics import (
 )
 from eval.splits import PROTOCOLS, SPLITS, Case, Split, make_split, sample_users, sampled_candidates
 from retrieval.catalog import Catalog
+from retrieval.persist import atomic_write_json, parse_json, parse_toml
 from retrieval.types import Candidate, Interaction, Item, RetrievalRequest
 
 RETRIEVERS = ("popularity", "itemknn", "bm25", "dense", "sasrec")
@@ -214,9 +215,11 @@ def read_config(path: Path) -> EvalConfig:
         )
     text = path.read_text(encoding="utf-8")
     try:
-        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        raw = parse_json(text) if path.suffix == ".json" else parse_toml(text)  # absurd nesting: a decode error
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"config {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: expected an object of fields, got a JSON {type(raw).__name__}.")
     raw.setdefault("name", path.stem)
     return validate_config(raw, str(path))
 
@@ -1002,10 +1005,7 @@ def run(
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Atomic write (a crash never leaves half a result)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1, sort_keys=True, default=_json_default)
 
 
 def _json_default(x: Any) -> Any:

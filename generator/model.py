@@ -23,6 +23,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from retrieval.persist import parse_json
+
 EMBEDDED_PREFIX = "embedded:"
 # One visible registry of the models that ship inside a Python package: name -> (package, file in the package).
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
@@ -231,10 +233,7 @@ def read_adapter_manifest(adapter: str | Path) -> dict[str, object] | None:
     path = folder / ADAPTER_MANIFEST
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}). Fix: re-export the adapter with `shoprec finetune`.") from None
+    data = _read_json_file(path, "Fix: re-export the adapter with `shoprec finetune`.")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object. Fix: re-export the adapter with `shoprec finetune`.")
     return data
@@ -283,3 +282,115 @@ def adapter_generator_settings(adapter: str | Path | None) -> dict[str, object]:
     if w is not None:
         settings["llm_weight"] = w
     return settings
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's files in an adapter folder
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_REEXPORT = "Fix: re-export the adapter with `shoprec finetune`, or pass the folder it wrote."
+
+
+def _read_json_file(path: Path, fix: str) -> object:
+    """A JSON file's value; a ValueError naming the file for bad JSON, bad UTF-8 or absurd nesting."""
+    try:
+        return parse_json(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}). {fix}") from None
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a .safetensors header, checking that the file holds every byte it announces.
+
+    The format: an 8-byte little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}},
+    then the data. Reading the header only costs no torch import and catches a truncated copy before a loader
+    fails deep inside with a message that names no file.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{path}: not a complete safetensors file (its header is cut short). {_REEXPORT}")
+        raw = f.read(n)
+    try:
+        header = parse_json(raw)
+    except ValueError:
+        raise ValueError(f"{path}: not a safetensors file (its header is not JSON). {_REEXPORT}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (its header is not an object). {_REEXPORT}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shapes[name] = tuple(int(d) for d in meta["shape"])
+            end = max(end, int(meta["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has no valid shape/offsets. {_REEXPORT}") from None
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated ({size} bytes; its header announces {8 + n + end}). {_REEXPORT}")
+    return shapes
+
+
+def _base_shapes(base: Path) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(base.glob("*.safetensors")):
+        shapes.update(safetensors_shapes(f))
+    return shapes
+
+
+def check_adapter(adapter: str | Path, base: str | Path | None = None) -> None:
+    """Raise a ValueError naming the file and the fix unless `adapter` is a loadable LoRA folder for `base`.
+
+    Checked without torch: adapter_config.json is a JSON object with a LoRA rank; the weights file is complete;
+    every lora_A is (r, in) and lora_B (out, r) with r the config's rank and, when `base` is a local model folder,
+    (in, out) the shape of the base weight it adapts. PEFT would otherwise fail with a size-mismatch or a
+    header error that names neither the file nor the fix.
+    """
+    folder = Path(adapter).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist. {_REEXPORT}")
+    cfg_path = folder / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} is missing: {folder} is not a PEFT adapter folder. {_REEXPORT}")
+    cfg = _read_json_file(cfg_path, _REEXPORT)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}. {_REEXPORT}")
+    rank = cfg.get("r")
+    if cfg.get("peft_type") != "LORA" or not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(
+            f"{cfg_path}: not a LoRA config (needs peft_type 'LORA' and a positive integer r; got "
+            f"peft_type={cfg.get('peft_type')!r}, r={rank!r}). {_REEXPORT}"
+        )
+    read_adapter_manifest(folder)  # shoprec's own manifest, when there is one, must parse too
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing. {_REEXPORT}")
+    shapes = safetensors_shapes(weights)
+    if not shapes:
+        raise ValueError(f"{weights}: holds no tensors. {_REEXPORT}")
+    base_path = Path(base).expanduser() if base is not None else None
+    base_shapes = _base_shapes(base_path) if base_path is not None and base_path.is_dir() else {}
+    ranks = cfg.get("rank_pattern") or {}
+    for name, shape in shapes.items():
+        for part, rank_axis in ((".lora_A.", 0), (".lora_B.", 1)):
+            if part not in name:
+                continue
+            # per-module ranks (rank_pattern) are legal; without one, every lora matrix has the config's rank
+            expect_r = rank if not ranks else shape[rank_axis] if len(shape) == 2 else rank
+            target = name.removeprefix("base_model.model.").replace(part, ".")
+            full = base_shapes.get(target)
+            if len(shape) != 2 or shape[rank_axis] != expect_r:
+                raise ValueError(
+                    f"{weights}: tensor {name} has shape {list(shape)}, expected rank {rank} on axis {rank_axis} "
+                    f"({ADAPTER_CONFIG} says r={rank}). {_REEXPORT}"
+                )
+            if full is not None and len(full) == 2:
+                other = shape[1 - rank_axis]
+                want = full[1] if part == ".lora_A." else full[0]
+                if other != want:
+                    raise ValueError(
+                        f"{weights}: tensor {name} has shape {list(shape)}, but the base model's {target} is "
+                        f"{list(full)}: the adapter was trained on another model. Fix: use it with the model it "
+                        f"was trained on, or train one for this model with `shoprec finetune`."
+                    )

@@ -19,11 +19,13 @@ an error page, never an invalid list. Privacy: prompts carry titles and categori
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -36,6 +38,24 @@ from generator.prompts import PromptLibrary, assistant_prefix, labels
 from generator.types import CandidateView, HistoryView, Pick, PromptInput, Recommendation
 from retrieval.catalog import Catalog
 from retrieval.types import Candidate, RetrievalRequest
+
+log = logging.getLogger(__name__)
+# Set to 1 (tests/conftest.py does) to re-raise unexpected errors instead of serving the fallback: a bug in this
+# pipeline must fail a test, while the product still degrades to the retrieval list for its users.
+RAISE_ENV = "SHOPREC_RAISE_MODEL_ERRORS"
+_T = TypeVar("_T")
+
+
+class ModelError(RuntimeError):
+    """The model backend failed (out of memory, a crashed engine, ...): an expected failure, served as a fallback."""
+
+
+def _model_call(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Call a backend method, marking whatever it raises as the model's failure (the cause keeps the traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        raise ModelError(f"{type(e).__name__}: {e}") from e
 
 
 class GeneratorConfig(BaseModel):
@@ -182,12 +202,17 @@ class Recommender:
         self.backend = backend
         self.prompts = prompts or PromptLibrary()
         self.config = config or GeneratorConfig()
-        if self.config.variant not in self.prompts.variants():
-            raise ValueError(f"unknown prompt variant {self.config.variant!r}; available: {self.prompts.variants()}")
+        self._check_variant(self.config)
         self.item_vectors = item_vectors
         # The catalog owner's complement relations (leaf category path -> complementary leaf paths), if known:
         # they let a grounded reason say "Goes with your <history item>" (generator.reasons).
         self.complements: Mapping[str, frozenset[str]] = complements or {}
+
+    def _check_variant(self, cfg: GeneratorConfig) -> None:
+        if cfg.variant not in self.prompts.variants():
+            raise ValueError(
+                f"unknown prompt variant {cfg.variant!r}. Fix: use one of: {', '.join(self.prompts.variants())}."
+            )
 
     # ---------------------------------------------------------------- public API
     def recommend(self, request: RetrievalRequest, config: GeneratorConfig | None = None) -> Recommendation:
@@ -197,6 +222,7 @@ class Recommender:
         self, requests: Sequence[RetrievalRequest], config: GeneratorConfig | None = None
     ) -> list[Recommendation]:
         cfg = config or self.config
+        self._check_variant(cfg)  # also without a backend: a bad variant is the caller's error, not a fallback
         t0 = time.perf_counter()
         prepared = [self._prepare(r, cfg) for r in requests]
         t_retrieve = (time.perf_counter() - t0) * 1000 / max(len(requests), 1)
@@ -207,8 +233,15 @@ class Recommender:
                 results = self._score_mode(prepared)
             else:
                 results = self._generate_mode(prepared)
-        except Exception as e:  # the guarantee: any model failure degrades to a valid retrieval list
-            return [self._fallback(p, f"model error: {type(e).__name__}: {e}") for p in prepared]
+        except ModelError as e:  # the guarantee: a model failure degrades to a valid retrieval list
+            cause = e.__cause__ or e
+            log.warning("model failure, serving the retrieval fallback: %s", e, exc_info=cause)
+            return [self._fallback(p, f"model error: {type(cause).__name__}: {cause}") for p in prepared]
+        except Exception as e:  # not the model's failure: a bug in this pipeline
+            log.exception("unexpected error in the generator; serving the retrieval fallback")
+            if os.environ.get(RAISE_ENV) == "1":  # tests: our own bugs must fail loudly, not become fallbacks
+                raise
+            return [self._fallback(p, f"internal error: {type(e).__name__}: {e}") for p in prepared]
         return [
             r.model_copy(update={"timings_ms": {"retrieve": round(t_retrieve, 1), **r.timings_ms}}) for r in results
         ]
@@ -330,7 +363,7 @@ class Recommender:
                     prompt = self._render_order(p, order)
                 prompts.append(prompt + assistant_prefix(p.config.k))
                 label_sets.append(labels(len(p.views)))
-            scores = self.backend.label_logprobs(prompts, label_sets)
+            scores = _model_call(self.backend.label_logprobs, prompts, label_sets)
             for i, (s, order) in enumerate(zip(scores, orders, strict=True)):
                 s = np.asarray(s, dtype=np.float64)
                 s = s - np.logaddexp.reduce(s)  # normalise over this request's labels
@@ -392,7 +425,8 @@ class Recommender:
             left = deadline - time.monotonic()
             if left <= 0:
                 break  # the rows left stay None: their requests fall back ("timeout")
-            got = self.backend.generate(
+            got = _model_call(
+                self.backend.generate,
                 [prompts[i] for i in rows],
                 [controllers[i] for i in rows],
                 max_new_tokens=max(controllers[i].max_new_tokens for i in rows),
@@ -508,8 +542,12 @@ class Recommender:
                 )
             )
         max_new = max(c.max_new_tokens for c in controllers)
-        outs = self.backend.generate(
-            [p.prompt for p in prepared], controllers, max_new_tokens=max_new, timeout_s=prepared[0].config.timeout_s
+        outs = _model_call(
+            self.backend.generate,
+            [p.prompt for p in prepared],
+            controllers,
+            max_new_tokens=max_new,
+            timeout_s=prepared[0].config.timeout_s,
         )
         t_gen = (time.perf_counter() - t0) * 1000 / len(prepared)
         results = []

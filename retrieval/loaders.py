@@ -60,6 +60,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from retrieval.persist import parse_json
 from retrieval.text import collect_cuts
 from retrieval.types import Interaction, InteractionType, Item
 
@@ -328,7 +329,7 @@ def _jsonl_rows(path: Path, rejects: _Rejects) -> Iterator[_Row]:
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            obj = parse_json(raw)  # absurd nesting is a JSONDecodeError too, not a RecursionError
         except json.JSONDecodeError as e:
             fix = 'write one complete JSON object per line, e.g. {"id": "sku-1", "title": "Blue pen"}'
             bad = _BadValue(None, f"is not valid JSON ({e.msg} at column {e.colno})", fix)
@@ -510,7 +511,7 @@ def _attributes(v: Any, text: bool, key: str) -> dict[str, str]:
     fix = 'write a JSON object of strings, e.g. {"colour": "red", "size": "M"}'
     if text and isinstance(v, str):
         try:
-            v = json.loads(v)
+            v = parse_json(v)
         except json.JSONDecodeError as e:
             raise _BadValue(key, f"is not valid JSON ({e.msg} at column {e.colno})", fix) from None
     if not isinstance(v, dict):
@@ -1029,7 +1030,7 @@ def load_lcrec(directory: str | Path, *, strict: bool = True, report_path: Path 
 
 def _json_document(path: Path, text: str) -> dict[str, Any]:
     try:
-        doc = json.loads(text)
+        doc = parse_json(text)
     except json.JSONDecodeError as e:
         raise LoadError(
             path.name,

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from retrieval.types import Filters
 from shoprec.config import ConfigError, Settings, load_settings
+from shoprec.errors import demo_hint
 from shoprec.errors import first_error as _first_error
 
 app = typer.Typer(
@@ -42,13 +43,27 @@ def _friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, ConfigError) as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            message = str(e)
+            if isinstance(e, FileNotFoundError):  # e.g. no index in var/ right after `make demo` wrote var/demo
+                message = f"{message} {_demo_hint(message)}".rstrip()
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
 
 _state: dict[str, Any] = {}
+
+
+def _demo_hint(message: str) -> str:
+    """Where the demo shop is, when the missing file is under this home and the demo's folder has an index."""
+    try:
+        settings = _settings()
+    except ValueError:  # a bad config is reported by the command itself
+        return ""
+    if str(settings.home) not in message and str(settings.index_path) not in message:
+        return ""
+    return demo_hint(settings.home, settings.index_path)
 
 
 @app.callback()
@@ -59,7 +74,7 @@ def main(
     index: Path | None = typer.Option(None, "--index", help="Index folder (default <home>/index)."),
 ) -> None:
     """Global options; precedence: flags > environment (SHOPREC_*) > config file > defaults."""
-    _state.update(config=config, home=home, store=store, index_dir=index)
+    _state.update(config=config, home=home, store=store, index_dir=index, adapter=None)  # nothing kept from a last run
 
 
 def _settings() -> Settings:
@@ -255,8 +270,12 @@ def recommend(
 ) -> None:
     """Ranked, justified, diverse picks: retrieval -> prompt -> LLM -> constraints -> validation."""
     from generator.constraints import CategoryConstraint
+    from generator.prompts import PromptLibrary
     from generator.recommender import GeneratorConfig
 
+    valid_variants = PromptLibrary().variants()
+    if variant not in valid_variants:  # checked with --no-llm too: a flag that cannot work is an error
+        raise ValueError(f"--prompt {variant!r} is not a prompt variant. Fix: use one of: {', '.join(valid_variants)}.")
     if adapter is not None:
         _state["adapter"] = str(adapter)
     svc = _service()

@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from retrieval.persist import parse_toml
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the key, its source and the fix."""
@@ -90,7 +92,7 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist. Fix: pass an existing file to --config.")
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = parse_toml(path.read_text(encoding="utf-8"))  # absurd nesting: a TOMLDecodeError too
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e}). Fix the syntax at the position given.") from e
         section = data.get("shoprec", data)

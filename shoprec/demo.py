@@ -104,4 +104,18 @@ def run_demo(home: Path, *, seed: int = 0, sasrec_epochs: int = 30, console: Con
             con.print(f"  {p.rank}. {svc.catalog[p.item_id].title} [dim]({p.category})[/]", highlight=False)
             con.print(f"     [italic]{p.reason}[/]", highlight=False)
     con.print(f"\n[green]demo finished in {time.perf_counter() - t0:.0f}s[/] (data, store and index in {home})")
+    con.print(next_commands(home, shown[0]), highlight=False)
     return svc
+
+
+def next_commands(home: Path, user: str) -> str:
+    """The commands to try next on the demo shop: they name its folder, because the default home is var/, not it."""
+    flag = f"--home {home}"
+    return "\n".join(
+        [
+            f"Next, on the demo shop (every command needs `{flag}`, or SHOPREC_HOME={home}):",
+            f"  shoprec {flag} candidates --user {user}",
+            f"  shoprec {flag} recommend --user {user}",
+            f'  shoprec {flag} search "wireless headphones"',
+        ]
+    )

@@ -85,9 +85,12 @@ class Shoprec:
         return make_backend(self.settings.llm_backend, model_spec=spec)
 
     def recommender(self, *, use_llm: bool = True) -> Any:
-        from generator.model import adapter_generator_settings
+        from generator.model import ModelSpec, adapter_generator_settings, check_adapter, resolve_model_path
         from generator.recommender import GeneratorConfig, Recommender
 
+        if use_llm and self.settings.adapter is not None and self.settings.llm_backend != "fake":
+            # a bad adapter folder is one error naming its file, in milliseconds, before the index and model load
+            check_adapter(self.settings.adapter, base=resolve_model_path(ModelSpec(model=self.settings.llm_model)))
         dense = self.retriever.retrievers.get("dense")
         vectors = getattr(dense, "vectors", None)
         # A shoprec-trained adapter carries the LLM/retrieval blend fitted on its validation users and the prompt

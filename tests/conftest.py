@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A bug inside the generator fails the test instead of becoming a silent retrieval fallback (model failures still
+# fall back): generator.recommender.RAISE_ENV
+os.environ.setdefault("SHOPREC_RAISE_MODEL_ERRORS", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -37,3 +40,15 @@ def shop_dir(tmp_path_factory, small_shop) -> Path:
     d = tmp_path_factory.mktemp("shop") / "data"
     write_generic(small_shop.items, small_shop.interactions, d)
     return d
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server started for this test session (tests/pg.py); skips when no server binaries exist."""
+    from tests.pg import find_bin_dir, running_server
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries not found (Debian's postgresql package: `make sysdeps`)")
+    with running_server(bin_dir) as server:
+        yield server

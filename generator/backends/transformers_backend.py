@@ -31,7 +31,7 @@ from generator.backends.base import (
     validate_generate_args,
     validate_label_args,
 )
-from generator.model import DType, ModelSpec, resolve_dtype, resolve_model_path
+from generator.model import DType, ModelSpec, check_adapter, resolve_dtype, resolve_model_path
 
 MAX_FP32_HEAD_BYTES = 512 * 2**20
 
@@ -317,6 +317,8 @@ class TransformersBackend:
             self.dtype = getattr(torch, resolve_dtype(dtype))
         t0 = time.perf_counter()
         path = resolve_model_path(spec, cache_dir=cache_dir, dtype=dtype)
+        if spec.adapter is not None:  # a bad adapter folder: one error naming the file, before any weights load
+            check_adapter(spec.adapter, base=path)
         tok = AutoTokenizer.from_pretrained(path)
         tok.padding_side = "left"  # every row's next-token position is the last one
         if tok.pad_token_id is None:
