@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 SYSDEPS := postgresql chromium chromium-driver
 SYSDEP_BINS := /usr/lib/postgresql /usr/bin/chromium /usr/bin/chromedriver
 
-.PHONY: sysdeps venv demo test check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-eval bench-generator finetune-demo bench-finetune clean
+.PHONY: sysdeps venv demo test test-fast check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-eval bench-generator finetune-demo bench-finetune clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -47,6 +47,10 @@ typecheck: $(STAMP)
 
 test: sysdeps $(STAMP) check
 	$(BIN)/pytest -q
+
+# The suite without the tests marked slow (real model training and loading, larger indexes): minutes, not 15.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
 
 # Full benchmark suite on ../shared/data and the demo shop (~1 h on 2 cores), then the README tables.
 bench: bench-retrieval bench-scale bench-eval bench-generator

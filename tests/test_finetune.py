@@ -375,6 +375,7 @@ def test_two_step_run_on_the_demo_catalog_saves_and_reloads(small_shop, split, t
     np.testing.assert_allclose(again, here, atol=1e-4)
 
 
+@pytest.mark.slow  # trains the real model twice (~90 s on 2 cores)
 def test_an_interrupted_run_resumes_to_the_same_weights(small_shop, split, tmp_path, monkeypatch):
     """Killed after step 2 of 4, `resume=True` continues from the checkpoint and ends where an uninterrupted run
     ends (same batches, same optimiser and schedule state)."""
@@ -425,6 +426,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(small_shop, split, tmp_p
         torch.testing.assert_close(resumed[name], weight, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow  # trains the real model three times (~75 s on 2 cores)
 def test_selection_by_the_served_blend_keeps_the_untuned_weights_when_training_never_beats_them(
     small_shop, split, tmp_path, monkeypatch
 ):
