@@ -348,6 +348,9 @@ cli_eval.register(app, _friendly_errors)
 from shoprec.cli_finetune import register as _register_finetune  # noqa: E402 (needs _friendly_errors above)
 
 _register_finetune(app, _friendly_errors)
+from shoprec.cli_serve import register as _register_serve  # noqa: E402
+
+_register_serve(app, _friendly_errors)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -57,6 +57,36 @@ class Settings(BaseModel):
     seed: int = Field(default=0, description="Seed for every random step (training, sampling).")
     experiments: Path | None = Field(
         default=None, description="TOML file of online A/B experiments (docs/experiments.md); None: no experiments."
+    )
+    # --- the HTTP service (`shoprec serve`, shoprec/api.py; docs/service.md) ---
+    allow_anonymous_local: bool = Field(
+        default=False,
+        description="Serve loopback clients that send no API key with every scope (local development only; "
+        "`shoprec serve --dev`). Off: every request needs a key.",
+    )
+    rate_limit_per_s: float = Field(
+        default=50.0, gt=0, description="Requests per second allowed per API key (token bucket, per process)."
+    )
+    rate_limit_burst: int = Field(default=100, ge=1, description="Requests a key may send at once above the rate.")
+    llm_queue_max: int = Field(
+        default=64, ge=1, description="LLM requests waiting at most; past it a request gets the retrieval fallback."
+    )
+    llm_batch_max: int = Field(default=16, ge=1, description="Most requests micro-batched into one model call.")
+    llm_batch_wait_ms: float = Field(
+        default=5.0, ge=0, le=1000, description="How long the first request of a batch waits for others to join."
+    )
+    request_budget_s: float = Field(
+        default=10.0, gt=0, description="Time budget of one recommend request; past it the retrieval fallback."
+    )
+    overload: Literal["fallback", "reject"] = Field(
+        default="fallback",
+        description="Past LLM capacity: 'fallback' = retrieval ranking flagged fallback; 'reject' = 503 + Retry-After.",
+    )
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="Adapters a request may name (name -> folder); nothing else is loadable."
+    )
+    sync_interval_s: float = Field(
+        default=0.5, gt=0, description="How often each server process pulls other processes' writes from the store."
     )
 
     @property

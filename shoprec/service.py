@@ -1,4 +1,4 @@
-"""The application core shared by the CLI and (later) the HTTP API: store + index -> candidates.
+"""The application core shared by the CLI and the HTTP API (shoprec/api.py): store + index -> candidates.
 
 It resolves a user's history from the store, validates request fields against the catalog (an unknown cart item
 is a request error naming the field, not a silent drop), and asks the fused retriever for candidates.
@@ -48,9 +48,9 @@ class Shoprec:
 
     @cached_property
     def store(self) -> Any:
-        from retrieval.store import Store
+        from retrieval.store import open_store  # SQLite or PostgreSQL, by URL
 
-        return Store(self.settings.store_url)
+        return open_store(self.settings.store_url)
 
     @cached_property
     def catalog(self) -> Catalog:
@@ -74,30 +74,53 @@ class Shoprec:
         return fusion
 
     @cached_property
+    def live(self) -> Any:
+        """The index that serves requests and takes writes without a rebuild (retrieval.live.LiveIndex)."""
+        try:
+            from retrieval.live import LiveIndex
+        except ImportError:  # without the live layer the built index serves as is (no incremental updates)
+            return self.retriever
+        # the index as built, brought up to date with the store's items and the events written since the build
+        return LiveIndex.open(self.settings.index_path, self.store, encoder=self.encoder)
+
+    @property
     def backend(self) -> Any:
-        """The LLM backend (transformers on CPU by default), loaded on first use."""
+        """The LLM backend (transformers on CPU by default) with the configured adapter, loaded on first use."""
+        return self.backend_for(self.settings.adapter)
+
+    def backend_for(self, adapter: str | None) -> Any:
+        """The LLM backend with this adapter folder on top (None: the base model); one per adapter, cached."""
         from generator.backends import make_backend
         from generator.model import ModelSpec
 
-        if self.settings.llm_backend == "fake":  # deterministic stand-in for tests and dry runs
-            return make_backend("fake")
-        spec = ModelSpec(model=self.settings.llm_model, adapter=self.settings.adapter)
-        return make_backend(self.settings.llm_backend, model_spec=spec)
+        backends: dict[str | None, Any] = self.__dict__.setdefault("_backends", {})
+        if adapter not in backends:
+            if self.settings.llm_backend == "fake":  # deterministic stand-in for tests and dry runs
+                backends[adapter] = make_backend("fake")
+            else:
+                spec = ModelSpec(model=self.settings.llm_model, adapter=adapter)
+                backends[adapter] = make_backend(self.settings.llm_backend, model_spec=spec)
+        return backends[adapter]
 
-    def recommender(self, *, use_llm: bool = True) -> Any:
+    def recommender(self, *, use_llm: bool = True, retriever: Any = None, adapter: str | None = None) -> Any:
+        """The generator pipeline over `retriever` (default: the built index) with `adapter` (default: configured)."""
         from generator.model import ModelSpec, adapter_generator_settings, check_adapter, resolve_model_path
         from generator.recommender import GeneratorConfig, Recommender
 
-        if use_llm and self.settings.adapter is not None and self.settings.llm_backend != "fake":
+        adapter = adapter if adapter is not None else self.settings.adapter
+        if use_llm and adapter is not None and self.settings.llm_backend != "fake":
             # a bad adapter folder is one error naming its file, in milliseconds, before the index and model load
-            check_adapter(self.settings.adapter, base=resolve_model_path(ModelSpec(model=self.settings.llm_model)))
-        dense = self.retriever.retrievers.get("dense")
-        vectors = getattr(dense, "vectors", None)
+            check_adapter(adapter, base=resolve_model_path(ModelSpec(model=self.settings.llm_model)))
+        retriever = retriever if retriever is not None else self.retriever
+        catalog = getattr(retriever, "catalog", self.catalog)
+        vectors = getattr(retriever, "item_vectors", None)
+        if vectors is None:
+            vectors = getattr(self.retriever.retrievers.get("dense"), "vectors", None)
         # A shoprec-trained adapter carries the LLM/retrieval blend fitted on its validation users and the prompt
         # settings it was trained with: serve with both.
-        config = GeneratorConfig(**adapter_generator_settings(self.settings.adapter))  # type: ignore[arg-type]
-        backend = self.backend if use_llm else None
-        return Recommender(self.retriever, self.catalog, backend, config=config, item_vectors=vectors)
+        config = GeneratorConfig(**adapter_generator_settings(adapter))  # type: ignore[arg-type]
+        backend = self.backend_for(adapter) if use_llm else None
+        return Recommender(retriever, catalog, backend, config=config, item_vectors=vectors)
 
     def build_index(self, log: Callable[[str], None] = print) -> FusionRetriever:
         """Train every signal from the store's events and write the index folder (atomically)."""
@@ -129,19 +152,26 @@ class Shoprec:
         query: str | None = None,
         cart: Sequence[str] = (),
         filters: Filters | None = None,
+        catalog: Catalog | None = None,
+        history_limit: int | None = None,
     ) -> RetrievalRequest:
-        """Build a request, pulling the user's history from the store. Unknown users are cold users."""
-        unknown = [i for i in cart if i not in self.catalog]
+        """Build a request, pulling the user's history from the store. Unknown users are cold users.
+
+        `catalog`: the one to check ids against (the live index's, when serving); `history_limit`: only the newest
+        events of a long history (the prompt shows ~10; the service bounds the work per request)."""
+        catalog = catalog if catalog is not None else self.catalog
+        unknown = [i for i in cart if i not in catalog]
         if unknown:
             raise RequestError(
                 f"cart: unknown item id(s) {', '.join(unknown)}. Fix: use ids from the catalog "
-                f"(e.g. {', '.join(self.catalog.ids[:3])})."
+                f"(e.g. {', '.join(catalog.ids[:3])})."
             )
         if filters is not None:
-            check_categories(self.catalog, filters.categories)
+            check_categories(catalog, filters.categories)
         history: tuple[str, ...] = ()
         if user is not None:
-            history = tuple(ev.item_id for ev in self.store.history(user) if ev.item_id in self.catalog)
+            events = self.store.history(user, limit=history_limit)
+            history = tuple(ev.item_id for ev in events if ev.item_id in catalog)
         return RetrievalRequest(
             user_id=user, history=history, query=query, cart=tuple(cart), filters=filters or Filters()
         )

@@ -1,0 +1,207 @@
+"""Serving the LLM under concurrency: micro-batching, a bounded queue and a per-request time budget.
+
+Concurrent recommend requests that need the model wait in one queue. A single worker thread (the model is one
+CPU- or GPU-bound resource) takes the oldest request, waits `wait_s` for others with the same key (same adapter and
+generator settings) to arrive, and runs them as ONE `Recommender.recommend_batch` call: the backend scores and
+decodes them together, so 16 concurrent shoppers cost far less than 16 sequential calls.
+
+Bounds, so that nothing hangs and nothing queues forever:
+- the queue holds at most `max_queue` requests; one more raises `Overloaded` at once (the caller answers with the
+  retrieval fallback or 503 + Retry-After);
+- every request carries a deadline; the model call of a batch gets the time left to its most urgent request as its
+  `timeout_s` (the recommender then falls back by itself), a request whose deadline passed while queued is dropped
+  with `BudgetExceeded`, and the caller stops waiting at the deadline whatever the worker is doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from generator.recommender import GeneratorConfig
+from generator.types import Recommendation
+from retrieval.types import RetrievalRequest
+
+# What the worker calls: (batch key, requests, config with the batch's timeout) -> one Recommendation per request.
+RunBatch = Callable[[Hashable, Sequence[RetrievalRequest], GeneratorConfig], list[Recommendation]]
+
+# The model never gets less than this: below it a batch cannot even prefill, and would only waste its slot.
+_MIN_MODEL_S = 0.05
+
+
+class Overloaded(Exception):
+    """The LLM queue is full; `retry_after_s` estimates when a slot frees up."""
+
+    def __init__(self, depth: int, retry_after_s: float) -> None:
+        super().__init__(f"the model queue is full ({depth} requests waiting)")
+        self.retry_after_s = retry_after_s
+
+
+class BudgetExceeded(Exception):
+    """The request's time budget ran out before the model answered."""
+
+
+@dataclass
+class _Job:
+    request: RetrievalRequest
+    config: GeneratorConfig
+    key: Hashable
+    deadline: float  # time.monotonic()
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Recommendation]
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def settle(self, result: Recommendation | None = None, error: BaseException | None = None) -> None:
+        """Hand the answer to the waiting coroutine (thread-safe; ignored when it stopped waiting)."""
+
+        def _set() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)  # type: ignore[arg-type]
+
+        self.loop.call_soon_threadsafe(_set)
+
+
+class Batcher:
+    """Micro-batches LLM requests into `run_batch` calls on one worker thread.
+
+    `await batcher.submit(request, config, key=..., budget_s=...)` returns the Recommendation, or raises
+    `Overloaded` (queue full), `BudgetExceeded` (deadline passed) or the batch's own exception.
+    """
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        max_queue: int,
+        max_batch: int,
+        wait_s: float,
+        on_batch: Callable[[int, float], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self.run_batch = run_batch
+        self.max_queue, self.max_batch, self.wait_s = max_queue, max_batch, wait_s
+        self._on_batch = on_batch or (lambda size, seconds: None)
+        self._on_depth = on_depth or (lambda depth: None)
+        self._pending: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._last_batch_s = 1.0  # the latest batch's wall time: what Retry-After estimates from
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="shoprec-llm-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    # ---------------------------------------------------------------- the caller's side
+    async def submit(
+        self, request: RetrievalRequest, config: GeneratorConfig, *, key: Hashable, budget_s: float
+    ) -> Recommendation:
+        loop = asyncio.get_running_loop()
+        job = _Job(request, config, key, time.monotonic() + budget_s, loop, loop.create_future())
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                # batches drain max_batch requests per batch time: the queue ahead clears in about this long
+                waves = len(self._pending) / max(self.max_batch, 1)
+                raise Overloaded(len(self._pending), max(1.0, waves * self._last_batch_s))
+            self._pending.append(job)
+            self._on_depth(len(self._pending))
+            self._cond.notify()
+        try:
+            return await asyncio.wait_for(job.future, timeout=budget_s)
+        except TimeoutError:
+            raise BudgetExceeded(f"no model answer within the {budget_s:g} s budget") from None
+
+    # ---------------------------------------------------------------- the worker
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                for job in self._pending:
+                    job.settle(error=BudgetExceeded("the server is shutting down"))
+                self._pending.clear()
+                return None
+            first = self._pending[0]
+            # wait for companions: until the window closes or a full batch of the same key is waiting
+            close_at = first.enqueued + self.wait_s
+            while (left := close_at - time.monotonic()) > 0 and self._count(first.key) < self.max_batch:
+                self._cond.wait(left)
+            batch: list[_Job] = []
+            keep: deque[_Job] = deque()
+            for job in self._pending:
+                if job.key == first.key and len(batch) < self.max_batch:
+                    batch.append(job)
+                else:
+                    keep.append(job)
+            self._pending = keep
+            self._on_depth(len(self._pending))
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            if job.future.done():  # the caller stopped waiting (its budget ran out)
+                continue
+            if job.deadline - now < _MIN_MODEL_S:
+                job.settle(error=BudgetExceeded("the time budget ran out while the request was queued"))
+                continue
+            live.append(job)
+        return live
+
+    def _count(self, key: Hashable) -> int:
+        return sum(1 for job in self._pending if job.key == key)
+
+    def _run(self, batch: list[_Job]) -> None:
+        if not batch:
+            return
+        t0 = time.monotonic()
+        # the model may use the time left to the batch's most urgent request; the recommender falls back by itself
+        timeout = max(_MIN_MODEL_S, min(job.deadline for job in batch) - t0)
+        cfg = batch[0].config.model_copy(update={"timeout_s": timeout})
+        try:
+            results: list[Any] = list(self.run_batch(batch[0].key, [job.request for job in batch], cfg))
+        except Exception as e:  # one bad request must not fail its companions: retry each alone
+            if len(batch) == 1:
+                batch[0].settle(error=e)
+                results = []
+            else:
+                results = []
+                for job in batch:
+                    try:
+                        results.append(self.run_batch(job.key, [job.request], cfg)[0])
+                    except Exception as single:
+                        results.append(single)
+        for job, result in zip(batch, results, strict=False):
+            if isinstance(result, BaseException):
+                job.settle(error=result)
+            else:
+                job.settle(result)
+        seconds = time.monotonic() - t0
+        self._last_batch_s = seconds
+        self._on_batch(len(batch), seconds)
