@@ -361,7 +361,7 @@ def describe(state: ChatState) -> str:
 
 def _picks_text(state: ChatState, n: int) -> str:
     what = describe(state)
-    return f"Here are {n} picks" + (f" for {what}." if what else ".")
+    return f"Here {'is' if n == 1 else 'are'} {n} pick{'' if n == 1 else 's'}" + (f" for {what}." if what else ".")
 
 
 def _empty_text(state: ChatState) -> str:
