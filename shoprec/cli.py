@@ -348,9 +348,9 @@ cli_eval.register(app, _friendly_errors)
 from shoprec.cli_finetune import register as _register_finetune  # noqa: E402 (needs _friendly_errors above)
 
 _register_finetune(app, _friendly_errors)
-from shoprec.cli_serve import register as _register_serve  # noqa: E402
+from shoprec.cli_ab import register as _register_ab  # noqa: E402 (`ab list|report|ramp|stop`, next to `ab offline`)
 
-_register_serve(app, _friendly_errors)
+_register_ab(app, _friendly_errors)
 
 
 if __name__ == "__main__":

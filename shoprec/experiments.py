@@ -508,3 +508,70 @@ def assign(
         return None
     reg = registry_for(settings_or_registry) if isinstance(settings_or_registry, Settings) else settings_or_registry
     return reg.assign(unit_id, endpoint, now) if reg is not None else None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The report: the store's recommendation log and events -> eval.online_ab
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def design_of(experiment: Experiment) -> Any:
+    """The analysis design (eval.online_ab.Design) of an experiment's config."""
+    from eval.online_ab import Design
+
+    return Design(
+        variants=tuple(v.name for v in experiment.variants),
+        weights=tuple(v.weight for v in experiment.variants),
+        primary_metric=experiment.primary_metric,
+        alpha=experiment.alpha,
+        power=experiment.power,
+        mde=experiment.mde,
+        baseline=experiment.baseline,
+        planned_users=experiment.planned_users,
+        attribution_window_s=experiment.attribution_window_s,
+    )
+
+
+def _valid(log: Any) -> bool:
+    """A served list is valid when it holds the k distinct items asked for (a fallback list counts when it does)."""
+    items = tuple(log.items)
+    k = (log.request or {}).get("k")
+    return len(set(items)) == len(items) and (k is None or len(items) == k)
+
+
+def report(store: Any, experiment: Experiment, *, look_every: int = 100) -> dict[str, Any]:
+    """Read the experiment's exposures and the events that follow them from the store; analyse them.
+
+    Exposures: `store.recommendations(experiment=id)`. Events: those carrying one of these recommendation ids
+    (`store.events_for_recommendations`), plus each exposed user's events without one (their history), which
+    the attribution window may credit."""
+    from eval.online_ab import Exposure, Outcome, analyse
+
+    logs = store.recommendations(experiment=experiment.id)
+    exposures = [
+        Exposure(
+            rec_id=log.id,
+            user_id=log.user_id or log.unit_id or log.id,  # events name the user: attribution by window
+            variant=log.variant or "?",
+            ts=log.created_at.timestamp(),
+            items=tuple(log.items),
+            latency_ms=getattr(log, "latency_ms", None),
+            fallback=bool(log.fallback),
+            valid=_valid(log),
+        )
+        for log in logs
+    ]
+    ids = {e.rec_id for e in exposures}
+    outcomes: list[Any] = []
+    for ev in store.events_for_recommendations(ids):
+        ts = ev.timestamp.timestamp() if ev.timestamp else None
+        outcomes.append(Outcome(ev.user_id, ev.item_id, str(ev.type), ts, ev.recommendation_id))
+    if experiment.attribution_window_s > 0:
+        for user in sorted({log.user_id for log in logs if log.user_id}):
+            for ev in store.history(user):
+                if ev.recommendation_id is None and ev.timestamp is not None:
+                    outcomes.append(Outcome(ev.user_id, ev.item_id, str(ev.type), ev.timestamp.timestamp(), None))
+    result = analyse(design_of(experiment), exposures, outcomes, look_every=look_every)
+    result["experiment"] = experiment.model_dump(mode="json")
+    result["generated_at"] = datetime.now(UTC).isoformat()
+    return result
