@@ -351,6 +351,9 @@ _register_finetune(app, _friendly_errors)
 from shoprec.cli_ab import register as _register_ab  # noqa: E402 (`ab list|report|ramp|stop`, next to `ab offline`)
 
 _register_ab(app, _friendly_errors)
+from shoprec.cli_serve import register as _register_serve  # noqa: E402
+
+_register_serve(app, _friendly_errors)
 
 
 if __name__ == "__main__":
