@@ -52,3 +52,15 @@ def pg_server():
         pytest.skip("PostgreSQL server binaries not found (Debian's postgresql package: `make sysdeps`)")
     with running_server(bin_dir) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server started for this test session (tests/pg.py); skips when no server binaries exist."""
+    from tests.pg import find_bin_dir, running_server
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries not found (Debian's postgresql package: `make sysdeps`)")
+    with running_server(bin_dir) as server:
+        yield server
