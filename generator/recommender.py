@@ -18,7 +18,6 @@ an error page, never an invalid list. Privacy: prompts carry titles and categori
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -31,13 +30,18 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from generator.backends.base import Backend, GenerationOutput
-from generator.constraints import CategoryConstraint, allowed_next, check_picks, cut_categories, feasible
+from generator.constraints import CategoryConstraint, check_picks, cut_categories, feasible
 from generator.decoding import PicksController, ReasonController
 from generator.diversity import category_similarity, cosine_similarity, diversify
 from generator.prompts import PromptLibrary, assistant_prefix, labels
+from generator.reasons import ReasonContext, distinct_choices, grounded_sentences, popular_items, prefer_fresh
+from generator.spec import PicksSpec
 from generator.types import CandidateView, HistoryView, Pick, PromptInput, Recommendation
 from retrieval.catalog import Catalog
 from retrieval.types import Candidate, RetrievalRequest
+
+_NOT_LIVE = object()  # marks a retriever without live catalog/vectors (see Recommender.catalog)
+
 
 log = logging.getLogger(__name__)
 # Set to 1 (tests/conftest.py does) to re-raise unexpected errors instead of serving the fallback: a bug in this
@@ -198,15 +202,35 @@ class Recommender:
         complements: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         self.retriever = retriever
-        self.catalog = catalog
+        self._catalog = catalog
         self.backend = backend
         self.prompts = prompts or PromptLibrary()
         self.config = config or GeneratorConfig()
         self._check_variant(self.config)
-        self.item_vectors = item_vectors
+        self._item_vectors = item_vectors
         # The catalog owner's complement relations (leaf category path -> complementary leaf paths), if known:
         # they let a grounded reason say "Goes with your <history item>" (generator.reasons).
         self.complements: Mapping[str, frozenset[str]] = complements or {}
+
+    # A live retriever (retrieval.live.LiveIndex: it has `item_vectors`) grows its catalog as items are added and
+    # deleted without a rebuild: read its current catalog and vectors instead of the ones given at construction.
+    @property
+    def catalog(self) -> Catalog:
+        live = getattr(self.retriever, "item_vectors", _NOT_LIVE) is not _NOT_LIVE
+        return self.retriever.catalog if live else self._catalog  # type: ignore[attr-defined,no-any-return]
+
+    @catalog.setter
+    def catalog(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    @property
+    def item_vectors(self) -> np.ndarray | None:
+        vectors = getattr(self.retriever, "item_vectors", _NOT_LIVE)
+        return self._item_vectors if vectors is _NOT_LIVE else vectors  # type: ignore[return-value]
+
+    @item_vectors.setter
+    def item_vectors(self, vectors: np.ndarray | None) -> None:
+        self._item_vectors = vectors
 
     def _check_variant(self, cfg: GeneratorConfig) -> None:
         if cfg.variant not in self.prompts.variants():
@@ -411,8 +435,11 @@ class Recommender:
         prompts: list[str] = []
         controllers: list[ReasonController] = []
         for r, (p, idx) in enumerate(zip(prepared, chosen, strict=True)):
+            leads: list[str] = []  # each earlier pick's strongest sentence: later picks say something else if true
             for line, i in enumerate(idx, start=1):
-                prompt, ctrl = self.reason_prompt(p, i, line)
+                choices = self.reason_choices(p, i, avoid=leads) if p.config.grounded_reasons else None
+                leads.extend(choices[:1] if choices else ())
+                prompt, ctrl = self.reason_prompt(p, i, line, choices=choices)
                 owners.append(r)
                 prompts.append(prompt)
                 controllers.append(ctrl)
@@ -440,40 +467,66 @@ class Recommender:
             per_request[r].append((ctrl, maybe))
         return [_assemble_reasons(rows) for rows in per_request]
 
-    def reason_prompt(self, p: Prepared, index: int, line: int = 1) -> tuple[str, ReasonController]:
+    def reason_prompt(
+        self, p: Prepared, index: int, line: int = 1, choices: Sequence[str] | None = None
+    ) -> tuple[str, ReasonController]:
         """The prompt of the reason row for candidate `index` shown as pick number `line`, and its controller.
 
         The prompt ends with the prefilled ``"{i}. ({label})"``; the controller constrains the rest (the reason,
-        the newline, then EOS). Fine-tuning targets the same text after the same prompt (finetune/data.py).
+        the newline, then EOS) to `choices` (default: `reason_choices`) when reasons are grounded. Fine-tuning
+        targets the same text after the same prompt (finetune/data.py).
         """
         assert self.backend is not None, "reason prompts need a backend (its tokenizer and chat template)"
         view = p.views[index]
         shared = p.config.reason_prompt == "candidates"
-        shown = p.config.reason_history_shown
+        if choices is None and p.config.grounded_reasons:
+            choices = self.reason_choices(p, index)
         ctrl = ReasonController(
             self.backend.tokenizer,
             [view.label],
             first_number=line if shared else 1,  # a one-candidate prompt asks for one pick: "1. (L)"
             max_reason_tokens=p.config.max_reason_tokens,
             prefilled=True,
-            reason_choices={0: self._true_reasons(p, index, shown)} if p.config.grounded_reasons else None,
+            reason_choices={0: list(choices)} if p.config.grounded_reasons and choices is not None else None,
         )
         base = p.prompt if shared else self._chat_prompt(p, [view], single=True)
         return base + ctrl.prompt_suffix, ctrl
 
-    def _true_reasons(self, p: Prepared, index: int, history_shown: int, budget: bool = True) -> list[str]:
-        """The sentences that hold for candidate `index` of `p`, citing only the `history_shown` latest items;
-        with `budget`, only those within `max_reason_tokens` (possibly none). Without, never empty."""
-        from generator.reasons import ReasonContext, grounded_sentences
+    def reason_choices(self, p: Prepared, index: int, avoid: Sequence[str] = ()) -> list[str]:
+        """The sentences the reason row of candidate `index` may write: those true of it (generator.reasons) within
+        the token budget, without the ones in `avoid` (what earlier picks of the list lead with) when others hold."""
+        return prefer_fresh(self._true_reasons(p, index, p.config.reason_history_shown), avoid)
 
-        request = p.request
-        ctx = ReasonContext(
+    def reason_context(self, request: RetrievalRequest, history_shown: int) -> ReasonContext:
+        """What a reason about `request` may rest on: its `history_shown` latest history items, cart, query, the
+        complements, and the catalog's best sellers. Fine-tuning and the reason checks build it here too."""
+        return ReasonContext(
             catalog=self.catalog,
             history=tuple(request.history[-history_shown:]) if history_shown else (),
             cart=request.cart,
             query=request.query,
             complements=self.complements,
+            popular=self.popular_items(),
         )
+
+    def popular_items(self) -> frozenset[str]:
+        """The catalog's best sellers by the retriever's popularity model (generator.reasons.popular_items); none
+        without one. Cached until the counts change (a live index counts new events in place)."""
+        model = getattr(self.retriever, "retrievers", {}).get("popularity")
+        counts = getattr(model, "counts", None)
+        if counts is None:
+            return frozenset()
+        key = (id(model), len(counts), float(np.sum(counts)))
+        cached = self.__dict__.get("_popular")
+        if cached is None or cached[0] != key:
+            cached = (key, popular_items(getattr(model, "catalog", self.catalog), counts))
+            self.__dict__["_popular"] = cached
+        return cached[1]
+
+    def _true_reasons(self, p: Prepared, index: int, history_shown: int, budget: bool = True) -> list[str]:
+        """The sentences that hold for candidate `index` of `p`, citing only the `history_shown` latest items;
+        with `budget`, only those within `max_reason_tokens` (possibly none). Without, never empty."""
+        ctx = self.reason_context(p.request, history_shown)
         candidate = p.candidates[index]
         if self.backend is None or not budget:  # nothing is decoded: no token budget to respect
             return grounded_sentences(self.catalog[candidate.item_id], ctx, candidate)
@@ -526,21 +579,21 @@ class Recommender:
         controllers = []
         for p in prepared:
             k = min(p.config.k, len(p.views))
-            allowed = functools.partial(allowed_next, p.config.constraint, p.categories, k=k)
-            controllers.append(
-                PicksController(
-                    self.backend.tokenizer,
-                    [v.label for v in p.views],
-                    k,
-                    lambda chosen, f=allowed: f(chosen),  # type: ignore[misc]
-                    max_reason_tokens=p.config.max_reason_tokens,
-                    reason_choices=(
-                        {j: self._true_reasons(p, j, p.config.max_history) for j in range(len(p.views))}
-                        if p.config.grounded_reasons
-                        else None
-                    ),
-                )
+            # The constraint as data (generator.spec): an engine in another process (vLLM) rebuilds the same
+            # controller from it; here it is built in place.
+            spec = PicksSpec(
+                labels=tuple(v.label for v in p.views),
+                k=k,
+                categories=tuple(p.categories),
+                constraint=p.config.constraint,
+                max_reason_tokens=p.config.max_reason_tokens,
+                reason_choices=(
+                    {j: tuple(self._true_reasons(p, j, p.config.max_history)) for j in range(len(p.views))}
+                    if p.config.grounded_reasons
+                    else None
+                ),
             )
+            controllers.append(PicksController.from_spec(self.backend.tokenizer, spec))
         max_new = max(c.max_new_tokens for c in controllers)
         outs = _model_call(
             self.backend.generate,
@@ -570,7 +623,12 @@ class Recommender:
 
     # ---------------------------------------------------------------- shared steps
     def _similarity(self, p: Prepared) -> np.ndarray:
-        if self.item_vectors is not None:
+        lookup = getattr(self.retriever, "vectors_for", None)  # a live index: catalog and vectors of one snapshot
+        if lookup is not None:
+            vectors = lookup([c.item_id for c in p.candidates])
+            if vectors is not None:
+                return cosine_similarity(vectors)
+        elif self.item_vectors is not None:
             rows = [self.catalog.index[c.item_id] for c in p.candidates]
             return cosine_similarity(self.item_vectors[rows])
         return category_similarity(p.categories)
@@ -626,16 +684,19 @@ class Recommender:
         mode: Literal["score", "generate", "retrieval"] | None = None,
     ) -> Recommendation:
         idx = self._diversify(p, p.retrieval_rel)
+        # the strongest sentence that holds, unlike the earlier picks' where the evidence differs: a fallback says
+        # nothing the model could not have said
+        shown = min(p.config.max_history, p.config.reason_history)
+        reasons = distinct_choices([self._true_reasons(p, i, shown, budget=False) for i in idx])
         picks = tuple(
             Pick(
                 item_id=p.candidates[i].item_id,
                 rank=r,
-                # the strongest sentence that holds: a fallback says nothing the model could not have said
-                reason=self._true_reasons(p, i, min(p.config.max_history, p.config.reason_history), budget=False)[0],
+                reason=choices[0],
                 category=p.categories[i],
                 score=_finite(p.retrieval_rel[i]),
             )
-            for r, i in enumerate(idx, start=1)
+            for r, (i, choices) in enumerate(zip(idx, reasons, strict=True), start=1)
         )
         return Recommendation(
             picks=picks,

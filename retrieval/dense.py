@@ -600,20 +600,20 @@ class DenseRetriever(ScoringRetriever):
         n_old = len(self.catalog)
         if len(catalog) < n_old or catalog.ids[:n_old] != self.catalog.ids[:n_old]:
             raise ValueError("update_rows needs a catalog that extends this one (same ids in the same first rows)")
-        rows = np.asarray(list(rows), dtype=np.int64)
-        if len(catalog) > n_old and not np.isin(np.arange(n_old, len(catalog)), rows).all():
+        at = np.asarray(list(rows), dtype=np.int64)
+        if len(catalog) > n_old and not np.isin(np.arange(n_old, len(catalog)), at).all():
             raise ValueError("every row added to the catalog needs a vector: list it in `rows`")
         if vectors is None:
-            vectors = self.encoder.encode([catalog.items[r].text() for r in rows])
+            vectors = self.encoder.encode([catalog.items[int(r)].text() for r in at])
         fresh = _as_matrix(vectors, "vectors")
-        if fresh.shape != (len(rows), self.encoder.dim):
-            raise ValueError(f"vectors have shape {fresh.shape}, expected ({len(rows)}, {self.encoder.dim})")
+        if fresh.shape != (len(at), self.encoder.dim):
+            raise ValueError(f"vectors have shape {fresh.shape}, expected ({len(at)}, {self.encoder.dim})")
         grown = np.zeros((len(catalog), self.vectors.shape[1]), dtype=np.float32)
         grown[:n_old] = self.vectors
-        grown[rows] = fresh
+        grown[at] = fresh
         self.vectors = grown
         if not self.index.exact:
-            self.live_rows = np.union1d(self.live_rows, rows)
+            self.live_rows = np.union1d(self.live_rows, at)
         self.catalog = catalog
 
     # ---- persistence
