@@ -591,6 +591,8 @@ _EVENT_CONVERTERS: dict[str, _Converter] = {
     "value": _value,
     "timestamp": _timestamp,
     "position": _position,
+    "event_id": _id,
+    "recommendation_id": _id,
 }
 
 
@@ -709,7 +711,7 @@ def write_generic(
     directory = Path(directory)
     items_path, events_path = directory / f"items.{fmt}", directory / f"events.{fmt}"
     item_rows = [it.model_dump(mode="json") for it in items]
-    event_rows = [ev.model_dump(mode="json") for ev in interactions]
+    event_rows = [_event_dict(ev) for ev in interactions]
     for other in {"jsonl", "csv"} - {fmt}:
         stale = [directory / f"{stem}.{other}" for stem in ("items", "events")]
         if any(p.exists() for p in stale):
@@ -722,8 +724,21 @@ def write_generic(
         _atomic_write(events_path, "".join(_json_line(r) for r in event_rows))
     else:
         _atomic_write(items_path, _csv_text(_ITEM_FIELDS, [_item_cells(r) for r in item_rows]))
-        _atomic_write(events_path, _csv_text(_EVENT_FIELDS, [_cells(r) for r in event_rows]))
+        columns = [f for f in _EVENT_FIELDS if f not in _OPTIONAL_EVENT_KEYS or any(f in r for r in event_rows)]
+        _atomic_write(events_path, _csv_text(columns, [_cells(r) for r in event_rows]))
     return items_path, events_path
+
+
+# Written only when set, so files of events without them read exactly as before these fields existed.
+_OPTIONAL_EVENT_KEYS = ("event_id", "recommendation_id")
+
+
+def _event_dict(ev: Interaction) -> dict[str, Any]:
+    row = ev.model_dump(mode="json")
+    for key in _OPTIONAL_EVENT_KEYS:
+        if row.get(key) is None:
+            row.pop(key, None)
+    return row
 
 
 def _json_line(row: dict[str, Any]) -> str:
