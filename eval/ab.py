@@ -23,7 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from eval.harness import EvalConfig, code_version, evaluate, load_configs, machine, prepare
+from eval.config import EvalConfig, load_configs
+from eval.harness import evaluate
+from eval.prepare import prepare
+from eval.results import code_version, machine
 
 METRICS = ("ndcg@10", "recall@10", "coverage@5")
 ALPHA = 0.05

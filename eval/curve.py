@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from eval.harness import EvalConfig
+from eval.config import EvalConfig
 
 COVERAGE_GAIN = 0.30  # relative gain in category coverage@5 the target asks for
 NDCG_LOSS = 0.03  # relative NDCG@10 loss it allows

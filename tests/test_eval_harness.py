@@ -197,11 +197,12 @@ def test_cold_item_split_and_new_item_places(shop_dir, configs):
     prep = prepare(str(shop_dir), cfgs, split="cold-items", seed=0)
     assert prep.cases and all(c.target not in c.history for c in prep.cases)
     plain, fresh = (EvalConfig(name=f"f{s}", system="fusion", signals=CHEAP, new_item_share=s) for s in (0.0, 0.25))
-    from eval.harness import _fusion_for, _request
+    from eval.prepare import fusion_for
+    from eval.runners import case_request
 
     def reached(share: float) -> int:
-        fusion = _fusion_for(prep, tuple(CHEAP), share)
-        return sum(c.target in {x.item_id for x in fusion.retrieve(_request(c), 20)} for c in prep.cases)
+        fusion = fusion_for(prep, tuple(CHEAP), share)
+        return sum(c.target in {x.item_id for x in fusion.retrieve(case_request(c), 20)} for c in prep.cases)
 
     assert reached(0.25) > reached(0.0)
     result = evaluate(prep, [plain, fresh, cfgs[1]])
