@@ -886,6 +886,9 @@ def _extra_routers() -> list[APIRouter]:
     """The routers of other features that `shoprec serve` always includes: one line each, imported lazily."""
     found: list[APIRouter] = []
     # e.g.: from shoprec.chat.api import router as chat_router; found.append(chat_router)
+    from shoprec.experiments_api import router as experiments_router  # GET/PUT/PATCH /v1/experiments
+
+    found.append(experiments_router)
     return found
 
 

@@ -435,7 +435,7 @@ class ExperimentRegistry:
         with _file_lock(self.path):
             current = load(self.path).experiment if self.path.is_file() else ()
             checked = _validated(_replaced(current, experiment))
-            _atomic_write(self.path, dump(checked.experiment))
+            atomic_write(self.path, dump(checked.experiment))
         return experiment
 
 
@@ -469,7 +469,7 @@ class _file_lock:
         os.close(self._fd)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
