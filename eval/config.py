@@ -12,11 +12,14 @@ import tomllib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from retrieval.persist import parse_json, parse_toml
+
+if TYPE_CHECKING:  # the generator is imported when a config is resolved, not when this module is
+    from generator.recommender import GeneratorConfig
 
 RETRIEVERS = ("popularity", "itemknn", "bm25", "dense", "sasrec")
 SYSTEMS = (*RETRIEVERS, "fusion", "llm")
@@ -106,7 +109,7 @@ class EvalConfig(BaseModel):
     def label(self) -> str:
         return self.name or self.system
 
-    def generator_config(self) -> Any:
+    def generator_config(self) -> GeneratorConfig:
         """The validated GeneratorConfig: eval defaults < the adapter's fitted blend and trained prompt settings
         (`generator.model.adapter_generator_settings`) < the config's [generator] table."""
         from generator.model import adapter_generator_settings

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from eval.results import code_version, machine, write_json
 from eval.runners import CaseOutput, make_llm_backend, protocol_candidates, run_llm, run_retriever
 from eval.scoring import case_metrics, summarise
 from eval.splits import PROTOCOLS, SPLITS
+
+if TYPE_CHECKING:
+    from generator.backends.base import Backend
 
 # The harness is the entry point; these names stay importable from it (`from eval.harness import EvalConfig`).
 __all__ = [
@@ -85,7 +88,7 @@ def evaluate(
     protocol: str = "full",
     seed: int = 0,
     log: Callable[[str], None] = lambda _: None,
-    backends: dict[str, Any] | None = None,
+    backends: dict[str, Backend] | None = None,
     score_caches: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Run every config on the prepared data under `protocol`; the result dict the JSON file holds.
@@ -169,7 +172,7 @@ def run(
     configs = load_configs(config_specs)
     t0 = time.perf_counter()
     prep = prepare(dataset, configs, split=split, users=users, seed=seed, log=log)
-    backends: dict[str, Any] = {}
+    backends: dict[str, Backend] = {}
     caches: dict[str, dict[str, np.ndarray]] = {}
     result = evaluate(prep, configs, protocol=protocol, seed=seed, log=log, backends=backends, score_caches=caches)
     if curve:

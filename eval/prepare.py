@@ -11,15 +11,20 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from eval import datasets
 from eval.config import RETRIEVERS, EvalConfig
 from eval.splits import Case, Split, make_split, sample_users
+from retrieval.base import Retriever
 from retrieval.catalog import Catalog
 from retrieval.types import Candidate, Interaction, Item, RetrievalRequest
+
+if TYPE_CHECKING:  # heavy modules: imported where they are used
+    from retrieval.embed import Encoder
+    from retrieval.fusion import FusionRetriever
 
 
 @dataclass
@@ -30,8 +35,8 @@ class Prepared:
     catalog: Catalog
     split: Split
     cases: list[Case]
-    retrievers: dict[str, Any]
-    fusion: dict[tuple[str, ...], Any]  # signal set -> fitted FusionRetriever
+    retrievers: dict[str, Retriever]  # each wrapped in _Memo
+    fusion: dict[tuple[str, ...], FusionRetriever]  # signal set -> fitted FusionRetriever
     vectors: np.ndarray | None  # dense item embeddings (row-aligned with the catalog), for ILD and MMR
     level: int  # category level the diversity metrics count at
     popularity: dict[str, int]  # item -> training users who interacted with it
@@ -71,7 +76,7 @@ def prepare(
     split: str = "loo",
     users: int | None = None,
     seed: int = 0,
-    encoder: Any = None,
+    encoder: Encoder | None = None,
     fusion_fit_users: int = 1000,
     log: Callable[[str], None] = lambda _: None,
 ) -> Prepared:
@@ -108,7 +113,7 @@ def prepare(
         sasrec_validation=[(c.history, c.target) for c in sp.valid[0::2]],
         progress=False,
     )
-    retrievers = {n: _Memo(r) for n, r in fitted.items()}
+    retrievers: dict[str, Retriever] = {n: _Memo(r) for n, r in fitted.items()}
     fit_s = time.perf_counter() - t0
     fusion_cases = sample_users(sp.valid[1::2], fusion_fit_users, seed)
     fusions = {}
@@ -159,11 +164,11 @@ class _Memo:
     """A retriever wrapper that remembers the scores of the last request: the fusion and the single signal reuse
     them within one case instead of scoring twice (SASRec and dense are the costly ones)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Retriever) -> None:
         self.inner = inner
         self.name = inner.name
         self.catalog = inner.catalog
-        self._key: Any = None
+        self._key: tuple[object, ...] | None = None
         self._scores: np.ndarray | None = None
 
     def score(self, request: RetrievalRequest) -> np.ndarray | None:
@@ -181,7 +186,7 @@ class _Memo:
         return getattr(self.inner, name)
 
 
-def _fit_fusion(catalog: Catalog, retrievers: Sequence[Any], cases: Sequence[Case]) -> Any:
+def _fit_fusion(catalog: Catalog, retrievers: Sequence[Retriever], cases: Sequence[Case]) -> FusionRetriever:
     """A FusionRetriever whose user-mode rule and weights are fitted on validation cases (hand defaults if < 30)."""
     from retrieval.fusion import DEFAULT_WEIGHTS, FusionConfig, FusionRetriever, fit_weights
 
@@ -202,7 +207,9 @@ def _fit_fusion(catalog: Catalog, retrievers: Sequence[Any], cases: Sequence[Cas
     return fusion
 
 
-def fusion_for(prep: Prepared, signals: tuple[str, ...], new_item_share: float = 0.0) -> Any:
+def fusion_for(prep: Prepared, signals: tuple[str, ...], new_item_share: float = 0.0) -> FusionRetriever:
+    """The fusion of `signals` fitted on validation users (once per signal set), with `new_item_share` places for
+    new items when asked (same fitted weights)."""
     if signals not in prep.fusion:
         prep.fusion[signals] = _fit_fusion(
             prep.catalog, [prep.retrievers[s] for s in signals], sample_users(prep.split.valid[1::2], 1000, 0)

@@ -59,7 +59,7 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     atomic_write_json(path, data, indent=1, sort_keys=True, default=_json_default)
 
 
-def _json_default(x: Any) -> Any:
+def _json_default(x: object) -> object:
     if isinstance(x, np.generic):
         return x.item()
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")

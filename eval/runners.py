@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +18,15 @@ from eval.config import ConfigError, EvalConfig
 from eval.prepare import Prepared, fusion_for
 from eval.splits import Case, sampled_candidates
 from retrieval.types import Candidate, RetrievalRequest
+
+if TYPE_CHECKING:  # the generator is imported where it runs: the retrieval baselines never load it
+    from generator.backends.base import Backend
+    from generator.constraints import CategoryConstraint
+    from generator.recommender import GeneratorConfig, Recommender
+    from generator.recommender import Prepared as Request
+    from generator.types import Recommendation
+    from retrieval.base import Retriever
+    from retrieval.catalog import Catalog
 
 
 @dataclass
@@ -75,14 +84,14 @@ def _perturb(order: list[int], how: str, rng: np.random.Generator) -> list[int]:
 
 def _rerank(
     cfg: EvalConfig,
-    gcfg: Any,
+    gcfg: GeneratorConfig,
     prep: Prepared,
     ids: Sequence[str],
     relevance: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[list[str], bool]:
     """The generator's diversity step over a relevance-ordered pool -> (k items, constraint was infeasible)."""
-    from generator.constraints import CategoryConstraint, cut_categories, feasible
+    from generator.constraints import cut_categories, feasible
     from generator.diversity import category_similarity, cosine_similarity, diversify
 
     n = gcfg.n_candidates
@@ -123,7 +132,7 @@ def _rerank(
     return [pool[i] for i in order], infeasible
 
 
-def _widen(constraint: Any, cats: Sequence[str], n: int, k: int) -> list[int]:
+def _widen(constraint: CategoryConstraint, cats: Sequence[str], n: int, k: int) -> list[int]:
     """Indices of a pool of n from a relevance-ordered list whose categories can meet the constraint.
 
     As the generator does (`Recommender._retrieve_feasible`): while the top n cannot satisfy it, the best item of
@@ -197,7 +206,16 @@ def run_retriever(
     return out
 
 
-def _recommender(*args: Any, reasons: bool, score_cache: dict[str, np.ndarray] | None, **kwargs: Any) -> Any:
+def _recommender(
+    retriever: Retriever | FixedCandidates,
+    catalog: Catalog,
+    backend: Backend,
+    *,
+    config: GeneratorConfig,
+    item_vectors: np.ndarray | None,
+    reasons: bool,
+    score_cache: dict[str, np.ndarray] | None,
+) -> Recommender:
     """A `Recommender`, optionally without the reasons step and with the label scores memoised per prompt.
 
     Skipping reasons: score mode exactly as served, minus the reason decoding, which never changes the ranking
@@ -208,12 +226,14 @@ def _recommender(*args: Any, reasons: bool, score_cache: dict[str, np.ndarray] |
     from generator.recommender import Recommender
 
     class Evaluated(Recommender):
-        def _write_reasons(self, prepared: Any, chosen: Any) -> list[tuple[list[str] | None, str, str | None]]:
+        def _write_reasons(
+            self, prepared: Sequence[Request], chosen: Sequence[Sequence[int]]
+        ) -> list[tuple[list[str] | None, str, str | None]]:
             if reasons:
                 return super()._write_reasons(prepared, chosen)
             return [([""] * len(idx), "", None) for idx in chosen]
 
-        def _llm_scores(self, prepared: Any) -> list[np.ndarray]:
+        def _llm_scores(self, prepared: Sequence[Request]) -> list[np.ndarray]:
             if score_cache is None or prepared[0].config.shuffle_passes != 1:
                 return super()._llm_scores(prepared)
             missing = [p for p in prepared if p.prompt not in score_cache]
@@ -222,10 +242,11 @@ def _recommender(*args: Any, reasons: bool, score_cache: dict[str, np.ndarray] |
                     score_cache[p.prompt] = s
             return [score_cache[p.prompt].copy() for p in prepared]
 
-    return Evaluated(*args, **kwargs)
+    return Evaluated(retriever, catalog, backend, config=config, item_vectors=item_vectors)
 
 
-def make_llm_backend(cfg: EvalConfig) -> Any:
+def make_llm_backend(cfg: EvalConfig) -> Backend:
+    """The config's LLM backend: the deterministic fake, or transformers with its model and adapter."""
     from generator.backends import make_backend
 
     if cfg.backend == "fake":
@@ -243,7 +264,7 @@ def run_llm(
     prep: Prepared,
     cases: Sequence[Case],
     candidates: Mapping[str, list[str]] | None,
-    backend: Any,
+    backend: Backend,
     log: Callable[[str], None] = lambda _: None,
     score_cache: dict[str, np.ndarray] | None = None,
 ) -> list[CaseOutput]:
@@ -283,7 +304,7 @@ def run_llm(
     for start in range(0, len(cases), cfg.batch_size):
         batch = cases[start : start + cfg.batch_size]
         requests = [case_request(c) for c in batch]
-        results: dict[int, tuple[Any, bool, list[str], float]] = {}
+        results: dict[int, tuple[Recommendation, bool, list[str], float]] = {}
         for idxs, use_cfg, infeasible in _by_feasibility(rec, requests, gcfg):
             t0 = time.perf_counter()
             recs = rec.recommend_batch([requests[i] for i in idxs], use_cfg)
@@ -319,7 +340,9 @@ def _llm_vectors(cfg: EvalConfig, prep: Prepared) -> np.ndarray | None:
     return prep.vectors if cfg.similarity == "embedding" else None
 
 
-def _by_feasibility(rec: Any, requests: Sequence[RetrievalRequest], gcfg: Any) -> list[tuple[list[int], Any, bool]]:
+def _by_feasibility(
+    rec: Recommender, requests: Sequence[RetrievalRequest], gcfg: GeneratorConfig
+) -> list[tuple[list[int], GeneratorConfig, bool]]:
     """Split a batch into the requests whose constraint can be met and those where it is relaxed (counted)."""
     from generator.constraints import CategoryConstraint
 
