@@ -181,12 +181,25 @@ def _hold(directory: Path) -> int:
 
 @contextmanager
 def _swap_lock(target: Path) -> Iterator[None]:
-    """An exclusive flock on `.<name>.lock` beside `target`: one swap or recovery at a time, across processes."""
-    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    """An exclusive flock on `.<name>.lock` beside `target`: one swap or recovery of it at a time, across
+    processes. The lock file is removed on release (no litter); a waiter that then holds a removed file's lock
+    sees that the path no longer names its file and locks again. (Not the parent folder itself: a build's temp
+    folder, flocked by its builder, is the parent of the sub-folders its signals save atomically.)"""
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         yield
     finally:
+        path.unlink(missing_ok=True)  # while still holding it: nobody can lock this file and believe it current
         os.close(fd)
 
 

@@ -38,7 +38,7 @@ def test_a_complete_new_index_waiting_to_move_in_is_promoted(tmp_path: Path) -> 
     _index(tmp_path / ".index.old-k2j4h1x9", "old")
     _index(tmp_path / ".index.new-p9q8r7s6", "new")  # renamed to .new-* only once fully written
     assert read_manifest(tmp_path / "index")["version"] == "new"
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["index"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
 
 
 def test_killed_before_moving_the_old_index_aside_finishes_the_swap(tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_killed_before_moving_the_old_index_aside_finishes_the_swap(tmp_path: Pa
 def test_nothing_to_recover_writes_nothing(tmp_path: Path) -> None:
     _index(tmp_path / "index", "only")
     assert recover_directory(tmp_path / "index") is None
-    assert [p.name for p in tmp_path.iterdir()] == ["index"]  # not even a lock file: readers may be read-only
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]
 
 
 _KILL_MID_SWAP = textwrap.dedent(
@@ -94,7 +94,7 @@ def test_a_build_killed_at_any_rename_leaves_a_loadable_index(tmp_path: Path, ki
     assert version == ("old" if killed_before_rename == 1 else "new")
     with atomic_directory(tmp_path / "index") as tmp:  # the next build cleans what the killed one left
         (tmp / "manifest.json").write_text('{"format_version": 1, "version": "next"}')
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["index"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
 
 
 def test_orphan_temp_folders_are_removed_but_a_build_in_progress_is_kept(tmp_path: Path) -> None:
