@@ -317,3 +317,49 @@ def test_cli_output_loads_back_identically(tmp_path) -> None:
     expected = generate(SyntheticConfig(n_items=300, n_users=20))
     assert loaded.items == expected.items
     assert loaded.interactions == expected.interactions
+
+
+# The digests of the demo shop and the test fixture's shop, taken before the taxonomy moved from Python literals to
+# retrieval/data/synthetic_taxonomy.json: the same seed must keep giving the same data, byte for byte.
+DIGESTS = {
+    "demo (seed 0)": (SyntheticConfig(), "6a75c81d2fd0e72025fad72b62e422499fb972cda8f208317bfb6cf0c3e593ea"),
+    "fixture (seed 1)": (
+        SyntheticConfig(seed=1, n_items=400, n_users=120, n_categories=6),
+        "692afab8746343c23dd3c3168888ff772b35647e2a993a4eacea088a9bb70150",
+    ),
+}
+
+
+def _digest(d: SyntheticData) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for it in d.items:
+        created = it.created_at.isoformat() if it.created_at else None
+        row = [it.id, it.title, list(it.category), it.brand, it.price, it.description, sorted(it.attributes.items())]
+        h.update(json.dumps([*row, created, it.in_stock]).encode() + b"\n")
+    for ev in d.interactions:
+        ts = ev.timestamp.isoformat() if ev.timestamp else None
+        h.update(json.dumps([ev.user_id, ev.item_id, str(ev.type), ev.value, ts, ev.position]).encode() + b"\n")
+    h.update(json.dumps([d.complements, d.cold_item_ids, d.brand_tiers, d.now.isoformat()], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("name", list(DIGESTS))
+def test_same_seed_same_bytes_as_before_the_taxonomy_became_a_data_file(name):
+    config, expected = DIGESTS[name]
+    assert _digest(generate(config)) == expected
+
+
+def test_the_taxonomy_file_is_package_data_and_consistent():
+    from importlib import resources
+
+    from retrieval import synthetic
+
+    text = resources.files("retrieval").joinpath(synthetic.TAXONOMY_FILE).read_text(encoding="utf-8")
+    data = json.loads(text)
+    assert len(data["tops"]) == synthetic.MAX_CATEGORIES == 20 and len(data["leaves"]) == 154
+    tops = {t["name"] for t in data["tops"]}
+    assert {leaf["path"][0] for leaf in data["leaves"]} == tops  # every leaf hangs under a known top category
+    names = {leaf["path"][-1] for leaf in data["leaves"]}
+    assert {n for chain in data["complement_chains"] for n in chain} <= names
