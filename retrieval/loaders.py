@@ -147,6 +147,54 @@ class Dataset:
         }
 
 
+class DatasetStream:
+    """A dataset read lazily, for inputs too large to hold: iterate `items()` to its end, then `events()`.
+
+    What stays in memory: one row at a time, the item ids (each event's item is checked against them) and the
+    user ids (for `summary()`); `rejected` grows with the bad rows only. `warnings`, `rejected` and the lenient
+    report are complete once `events()` is exhausted. `load_dataset` is this, collected into lists.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        items: Iterable[Item],
+        events: Iterable[Interaction],
+        rejected: list[RejectedRow],
+        warnings: list[str],
+    ) -> None:
+        self.name = name
+        self.rejected = rejected
+        self.warnings = warnings
+        self._items, self._events = items, events
+        self._n_items = self._n_events = 0
+        self._users: set[str] = set()
+        self._items_done = False
+
+    @classmethod
+    def of(cls, ds: Dataset) -> DatasetStream:
+        """A loaded dataset, streamed (the whole-file formats: MovieLens, LC-Rec)."""
+        return cls(ds.name, ds.items, ds.interactions, ds.rejected, ds.warnings)
+
+    def items(self) -> Iterator[Item]:
+        for it in self._items:
+            self._n_items += 1
+            yield it
+        self._items_done = True
+
+    def events(self) -> Iterator[Interaction]:
+        if not self._items_done:  # events are checked against the items read so far
+            raise RuntimeError("iterate DatasetStream.items() to its end before events()")
+        for ev in self._events:
+            self._n_events += 1
+            self._users.add(ev.user_id)
+            yield ev
+
+    def summary(self) -> dict[str, int]:
+        """Counts of distinct users, items and interactions read so far, keyed like `Dataset.summary()`."""
+        return {"users": len(self._users), "items": self._n_items, "interactions": self._n_events}
+
+
 class _BadValue(Exception):
     """A field-level problem found while converting one row; the loader adds file and line."""
 
@@ -199,24 +247,62 @@ def _load_dataset(
 
     Detection order: MovieLens 100K (``u.data`` + ``u.item``), LC-Rec/P5 (``<name>.item.json`` +
     ``<name>.inter.json``), generic (``items.jsonl`` or ``items.csv``). A path to a single items file loads it
-    as the generic format without events.
+    as the generic format without events, with a warning saying so; a path to an events file, or to one file of
+    a MovieLens or LC-Rec folder, is an error pointing at the folder.
     """
+    layout = _detect(path, fmt)
+    kw: dict[str, Any] = {"strict": strict, "report_path": report_path}
+    if layout.kind == "movielens":
+        return load_movielens(layout.root, **kw)
+    if layout.kind == "lcrec":
+        return load_lcrec(layout.root, **kw)
+    ds = load_generic(layout.root, layout.events, **kw)
+    ds.warnings[:0] = layout.warnings
+    return ds
+
+
+def stream_dataset(
+    path: str | Path, *, strict: bool = True, report_path: Path | None = None, fmt: str = "auto"
+) -> DatasetStream:
+    """`load_dataset`, lazily: the generic format is read row by row as `items()` and then `events()` are
+    iterated, so memory does not grow with the files (what `shoprec ingest` uses). MovieLens and LC-Rec are
+    whole-file formats of bounded size: they are loaded, then streamed. Length cuts of catalog text are
+    recorded by whoever iterates, inside `retrieval.text.collect_cuts()`."""
+    layout = _detect(path, fmt)
+    kw: dict[str, Any] = {"strict": strict, "report_path": report_path}
+    if layout.kind == "movielens":
+        return DatasetStream.of(load_movielens(layout.root, **kw))
+    if layout.kind == "lcrec":
+        return DatasetStream.of(load_lcrec(layout.root, **kw))
+    stream = stream_generic(layout.root, layout.events, **kw)
+    stream.warnings[:0] = layout.warnings
+    return stream
+
+
+@dataclass
+class _Layout:
+    kind: str  # movielens | lcrec | generic
+    root: Path  # the folder, or for generic the items file
+    events: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _detect(path: str | Path, fmt: str) -> _Layout:
     if fmt not in FORMATS:
         raise ValueError(f"unknown dataset format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     root = Path(path)
     if not root.exists():
         raise LoadError(str(root), None, None, "does not exist", "check the path (relative to the cwd)")
-    kw: dict[str, Any] = {"strict": strict, "report_path": report_path}
     if root.is_file():
-        return load_generic(root, None, **kw)
+        return _single_file(root)
     if fmt in ("auto", "movielens") and ((root / "u.data").is_file() and (root / "u.item").is_file()):
-        return load_movielens(root, **kw)
+        return _Layout("movielens", root)
     if fmt in ("auto", "lcrec") and _lcrec_pair(root) is not None:
-        return load_lcrec(root, **kw)
+        return _Layout("lcrec", root)
     if fmt in ("auto", "generic"):
         items_path, events_path = _generic_pair(root)
         if items_path is not None:
-            return load_generic(items_path, events_path, **kw)
+            return _Layout("generic", items_path, events_path)
     looked_for = {
         "movielens": "MovieLens 100K (u.data + u.item)",
         "lcrec": "LC-Rec/P5 JSON (<name>.item.json + <name>.inter.json)",
@@ -233,6 +319,49 @@ def _load_dataset(
     )
 
 
+def _single_file(path: Path) -> _Layout:
+    """A file given instead of a folder: an items file loads (items only, said in a warning); anything that
+    cannot stand alone is an error naming the folder to give instead."""
+    name, folder = path.name, path.parent
+    part_of = None
+    if name in ("u.data", "u.item", "u.genre"):
+        part_of = "MovieLens 100K"
+    elif name.endswith((".item.json", ".inter.json")):
+        part_of = "LC-Rec/P5 JSON"
+    if part_of is not None:
+        raise LoadError(
+            str(path), None, None, f"is one file of a {part_of} dataset", f"give its folder: shoprec ingest {folder}"
+        )
+    if path.stem == "events" or _looks_like_events(path):
+        raise LoadError(
+            str(path),
+            None,
+            None,
+            "is an events file; events are loaded together with the items they name",
+            f"give the folder holding items.jsonl (or items.csv) and this file: shoprec ingest {folder}",
+        )
+    siblings = [folder / f"events.{ext}" for ext in ("jsonl", "csv") if (folder / f"events.{ext}").is_file()]
+    also = f"; {siblings[0]} was not loaded: give the folder to load it too" if siblings else ""
+    warning = f"{path} is a file, not a folder: loaded it as an items file, without events{also}"
+    return _Layout("generic", path, None, [warning])
+
+
+def _looks_like_events(path: Path) -> bool:
+    """Whether the first row names a user_id (an events row) and no title (an item's)."""
+    for _, text, bad in _decoded_lines(path):
+        if bad is not None or not text.strip():
+            continue
+        if path.suffix.lower() == ".csv":
+            header = {c.strip() for c in next(csv.reader([text]), [])}
+            return "user_id" in header and "title" not in header
+        try:
+            row = parse_json(text)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(row, dict) and "user_id" in row and "title" not in row
+    return False
+
+
 def _finish(
     name: str,
     items: list[Item],
@@ -242,13 +371,18 @@ def _finish(
     report_path: Path | None,
 ) -> Dataset:
     """Summarise what was rejected, write the report, and build the Dataset."""
+    _summarise(rejects, warnings, report_path)
+    return Dataset(name, items, events, rejects.rows, warnings)
+
+
+def _summarise(rejects: _Rejects, warnings: list[str], report_path: Path | None) -> None:
+    """One warning per file with rejected rows, and the lenient report written."""
     per_file = Counter(r.file for r in rejects.rows)
     for file, n in per_file.items():
         where = f"; details in {report_path}" if report_path is not None else "; see Dataset.rejected"
         warnings.append(f"{file}: rejected {n} row{'s' if n != 1 else ''}{where}")
     if report_path is not None and not rejects.strict:
         _write_report(Path(report_path), rejects.rows)
-    return Dataset(name, items, events, rejects.rows, warnings)
 
 
 def _write_report(path: Path, rows: Sequence[RejectedRow]) -> None:
@@ -301,11 +435,18 @@ class _Row:
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str, _BadValue | None]]:
-    """(line number, text, problem) for each physical line; the problem is None unless it is not UTF-8."""
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Excel writes one) is harmless: skip it
-        data = data[3:]
-    for lineno, raw in enumerate(data.splitlines(keepends=True), start=1):
+    """(line number, text, problem) for each physical line; the problem is None unless it is not UTF-8.
+
+    Streams: one line in memory at a time, whatever the file's size."""
+    with path.open("rb") as f:
+        lines = (raw for chunk in f for raw in chunk.splitlines(keepends=True))  # also splits a lone '\r'
+        yield from _decode(path, lines)
+
+
+def _decode(path: Path, lines: Iterator[bytes]) -> Iterator[tuple[int, str, _BadValue | None]]:
+    for lineno, raw in enumerate(lines, start=1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Excel writes one): skip it
+            raw = raw[3:]
         try:
             yield lineno, raw.decode("utf-8"), None
         except UnicodeDecodeError as e:
@@ -350,24 +491,26 @@ def _csv_rows(
     required: Sequence[str],
 ) -> Iterator[_Row]:
     name = path.name
-    bad_lines: dict[int, _BadValue] = {}
-    lines: list[str] = []
-    for lineno, text, not_utf8 in _decoded_lines(path):
-        lines.append(text)
-        if not_utf8 is not None:
-            bad_lines[lineno] = not_utf8
-    reader = csv.reader(lines)
+    # The physical lines of the record being read (a quoted cell may span several): csv.reader pulls lines
+    # one at a time, so this holds one record, never the file.
+    record: list[tuple[int, str, _BadValue | None]] = []
+
+    def feed() -> Iterator[str]:
+        for line in _decoded_lines(path):
+            record.append(line)
+            yield line[1]
+
     header: list[str] | None = None
-    end = 0  # the physical line the previous record ended on; a quoted cell may span several lines
-    for cells in reader:
-        start, end = end + 1, reader.line_num
-        raw = "".join(lines[start - 1 : end]).rstrip("\r\n")
-        undecodable = [n for n in range(start, end + 1) if n in bad_lines]
+    for cells in csv.reader(feed()):
+        lines, record[:] = list(record), []
+        start = lines[0][0] if lines else 0
+        raw = "".join(text for _, text, _ in lines).rstrip("\r\n")
+        undecodable = [(n, bad) for n, _, bad in lines if bad is not None]
         if undecodable:
-            bad = bad_lines[undecodable[0]]
+            lineno, bad = undecodable[0]
             if header is None:  # no row can be read without the header
-                raise LoadError(name, undecodable[0], None, "(the header) " + bad.problem, bad.fix)
-            rejects.add(name, undecodable[0], bad, raw)
+                raise LoadError(name, lineno, None, "(the header) " + bad.problem, bad.fix)
+            rejects.add(name, lineno, bad, raw)
             continue
         if not cells or all(not c.strip() for c in cells):
             continue  # blank line
@@ -632,53 +775,74 @@ def load_generic(
     name: str | None = None,
 ) -> Dataset:
     """Load the generic format (see the module docstring): an items file and an optional events file."""
-    items_path = Path(items_path)
+    stream = stream_generic(items_path, events_path, strict=strict, report_path=report_path, name=name)
+    items = list(stream.items())
+    events = list(stream.events())
+    return Dataset(stream.name, items, events, stream.rejected, stream.warnings)
+
+
+def stream_generic(
+    items_path: str | Path,
+    events_path: str | Path | None = None,
+    *,
+    strict: bool = True,
+    report_path: Path | None = None,
+    name: str | None = None,
+) -> DatasetStream:
+    """The generic format, read lazily row by row (`DatasetStream`): memory does not grow with the files."""
+    items_file = Path(items_path)
     rejects = _Rejects(strict)
-    items: list[Item] = []
+    warnings: list[str] = []
     first_line: dict[str, int] = {}  # id -> line of the item kept for it
     rejected_ids: dict[str, str] = {}  # id -> why its row was rejected (for the events that name it)
-    for row in _rows(items_path, rejects, _ITEM_FIELDS, ("id", "title")):
-        try:
-            values = _convert(row, _ITEM_CONVERTERS, ("id", "title"), "item")
-            item_id = values["id"]
-            if item_id in first_line:
-                raise _BadValue(
-                    "id",
-                    f"duplicates item id {item_id!r}, first defined on line {first_line[item_id]}",
-                    "give every item a unique id, or merge the two rows",
-                )
-            item = Item(**values)
-        except (_BadValue, ValidationError) as e:
-            bad = _from_validation(e) if isinstance(e, ValidationError) else e
-            rid = row.values.get("id")
-            rid = str(rid).strip() if isinstance(rid, str | int) and not isinstance(rid, bool) else None
-            if rid and rid not in first_line:
-                rejected_ids[rid] = f"line {row.line}: {bad.problem}"
-            rejects.add(items_path.name, row.line, bad, row.raw)
-            continue
-        first_line[item.id] = row.line
-        rejected_ids.pop(item.id, None)
-        items.append(item)
 
-    events: list[Interaction] = []
-    if events_path is not None:
-        events_path = Path(events_path)
-        for row in _rows(events_path, rejects, _EVENT_FIELDS, ("user_id", "item_id")):
+    def items() -> Iterator[Item]:
+        for row in _rows(items_file, rejects, _ITEM_FIELDS, ("id", "title")):
             try:
-                values = _convert(row, _EVENT_CONVERTERS, ("user_id", "item_id"), "event")
-                _check_item_ref(values["item_id"], first_line, rejected_ids, items_path.name)
-                if values.get("timestamp") is None and values.get("position") is None:
+                values = _convert(row, _ITEM_CONVERTERS, ("id", "title"), "item")
+                item_id = values["id"]
+                if item_id in first_line:
                     raise _BadValue(
-                        "timestamp",
-                        "is missing, and so is position; an event needs one to be ordered",
-                        'add "timestamp" (ISO 8601 or unix seconds) or "position" (0, 1, 2, ...)',
+                        "id",
+                        f"duplicates item id {item_id!r}, first defined on line {first_line[item_id]}",
+                        "give every item a unique id, or merge the two rows",
                     )
-                events.append(Interaction(**values))
+                item = Item(**values)  # only the row's fields are set: a store merge keeps the others
             except (_BadValue, ValidationError) as e:
                 bad = _from_validation(e) if isinstance(e, ValidationError) else e
-                rejects.add(events_path.name, row.line, bad, row.raw)
-    ds_name = name or (items_path.parent.name or items_path.stem)
-    return _finish(ds_name, items, events, rejects, [], report_path)
+                rid = row.values.get("id")
+                rid = str(rid).strip() if isinstance(rid, str | int) and not isinstance(rid, bool) else None
+                if rid and rid not in first_line:
+                    rejected_ids[rid] = f"line {row.line}: {bad.problem}"
+                rejects.add(items_file.name, row.line, bad, row.raw)
+                continue
+            first_line[item.id] = row.line
+            rejected_ids.pop(item.id, None)
+            yield item
+
+    def events() -> Iterator[Interaction]:
+        if events_path is not None:
+            events_file = Path(events_path)
+            for row in _rows(events_file, rejects, _EVENT_FIELDS, ("user_id", "item_id")):
+                try:
+                    values = _convert(row, _EVENT_CONVERTERS, ("user_id", "item_id"), "event")
+                    _check_item_ref(values["item_id"], first_line, rejected_ids, items_file.name)
+                    if values.get("timestamp") is None and values.get("position") is None:
+                        raise _BadValue(
+                            "timestamp",
+                            "is missing, and so is position; an event needs one to be ordered",
+                            'add "timestamp" (ISO 8601 or unix seconds) or "position" (0, 1, 2, ...)',
+                        )
+                    event = Interaction(**values)
+                except (_BadValue, ValidationError) as e:
+                    bad = _from_validation(e) if isinstance(e, ValidationError) else e
+                    rejects.add(events_file.name, row.line, bad, row.raw)
+                    continue
+                yield event
+        _summarise(rejects, warnings, report_path)
+
+    ds_name = name or (items_file.parent.name or items_file.stem)
+    return DatasetStream(ds_name, items(), events(), rejects.rows, warnings)
 
 
 def _check_item_ref(item_id: str, known: dict[str, int], rejected: dict[str, str], items_file: str) -> None:
@@ -1126,13 +1290,19 @@ def _category_splitter(raw: Iterable[Any]) -> Callable[[str], tuple[str, ...]]:
     "Office Electronics, Telephones & Accessories" keeps two levels (Office Electronics has other children).
     The top level is never joined. It is a heuristic: a small file with a single path under a node may join
     two real levels, which prefix matching on the top levels tolerates.
+
+    Some releases (Amazon "Industrial and Scientific" in LC-Rec's layout) join levels with a bare ","
+    ("Industrial & Scientific,Lab & Scientific Products,Lab Instruments & Equipment"). When any string of the
+    file has a comma followed by a non-space, the whole file is read that way: levels split at "," with no space
+    after it, and a ", " stays inside a level's name.
     """
+    strings = [html.unescape(s) for s in raw if isinstance(s, str)]
+    if any(_COMPACT_SEPARATOR.search(s) for s in strings):
+        return _compact_fragments
     children: dict[tuple[str, ...], Counter[str]] = defaultdict(Counter)
     leaves: set[tuple[str, ...]] = set()
-    for s in raw:
-        if not isinstance(s, str):
-            continue
-        parts = _fragments(html.unescape(s))
+    for s in strings:
+        parts = _fragments(s)
         for i in range(len(parts)):
             if i + 1 < len(parts):
                 children[parts[: i + 1]][parts[i + 1]] += 1
@@ -1166,3 +1336,10 @@ def _category_splitter(raw: Iterable[Any]) -> Callable[[str], tuple[str, ...]]:
 
 def _fragments(s: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in s.split(", ") if p.strip())
+
+
+_COMPACT_SEPARATOR = re.compile(r",(?=\S)")
+
+
+def _compact_fragments(s: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in _COMPACT_SEPARATOR.split(s) if p.strip())

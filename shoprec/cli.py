@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from retrieval.store import StoreError
 from retrieval.types import Filters
 from shoprec.config import ConfigError, Settings, load_settings
 from shoprec.errors import demo_hint
@@ -44,9 +45,9 @@ def _friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, ConfigError) as e:
             message = str(e)
-            if isinstance(e, FileNotFoundError):  # e.g. no index in var/ right after `make demo` wrote var/demo
+            if isinstance(e, FileNotFoundError | StoreError):  # e.g. nothing in var/ right after `make demo`
                 message = f"{message} {_demo_hint(message)}".rstrip()
-            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -70,7 +71,7 @@ def _demo_hint(message: str) -> str:
 def main(
     config: Path | None = typer.Option(None, "--config", help="TOML config file (default ./shoprec.toml)."),
     home: Path | None = typer.Option(None, "--home", help="Folder for the store and indexes (default var/)."),
-    store: str | None = typer.Option(None, "--store", help="SQLite path or sqlite:/// URL."),
+    store: str | None = typer.Option(None, "--store", help="SQLite path, sqlite:/// URL or postgresql:// URL."),
     index: Path | None = typer.Option(None, "--index", help="Index folder (default <home>/index)."),
 ) -> None:
     """Global options; precedence: flags > environment (SHOPREC_*) > config file > defaults."""
@@ -87,10 +88,12 @@ def _settings() -> Settings:
     )
 
 
-def _service() -> Any:
+def _service(create_store: bool = True) -> Any:
+    """The shop of these settings; `create_store=False` for commands that only read, so a mistyped --home is an
+    error naming the missing store instead of a new, empty one."""
     from shoprec.service import Shoprec
 
-    return Shoprec(_settings())
+    return Shoprec(_settings(), create_store=create_store)
 
 
 def _emit(data: Any, as_json: bool, render: Callable[[], None]) -> None:
@@ -107,37 +110,69 @@ def ingest(
     fmt: str = typer.Option("auto", "--format", help="auto | generic | movielens | lcrec"),
     lenient: bool = typer.Option(False, "--lenient", help="Load good rows, write rejected ones to --report."),
     report: Path | None = typer.Option(None, "--report", help="Where lenient mode writes rejected rows (JSONL)."),
+    replace: bool = typer.Option(
+        False, "--replace", help="Replace whole items (fields a row leaves out are reset), instead of merging."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Load a dataset into the store (items upserted, events appended, all in one transaction)."""
-    from retrieval.loaders import load_dataset
+    """Load a dataset into the store: items merged into stored ones (or --replace'd), events added once.
+
+    The input is read and written in chunks of 10,000 rows, each its own transaction: memory stays flat whatever
+    the file's size, and a server using the same store waits for one chunk at most. Running it again is safe:
+    items merge and events already in the store are skipped (docs/store.md).
+    """
+    from retrieval.loaders import LoadError, stream_dataset
+    from retrieval.text import collect_cuts
 
     svc = _service()
     if lenient and report is None:
         report = svc.settings.home / "rejected.jsonl"
-    ds = load_dataset(path, strict=not lenient, report_path=report, fmt=fmt)
-    svc.store.ingest(ds.items, ds.interactions)  # items and events in one transaction
+    stream = stream_dataset(path, strict=not lenient, report_path=report, fmt=fmt)
+    store = svc.store
+    with collect_cuts() as cuts:
+        try:
+            result = store.ingest(stream.items(), stream.events(), replace=replace, chunk_size=_INGEST_CHUNK)
+        except LoadError as e:
+            raise ValueError(
+                f"{e} (rows before it were stored in chunks of {_INGEST_CHUNK:,}; after the fix run the same "
+                "command again: what is already stored is skipped, not doubled)"
+            ) from None
+    stream.warnings.extend(cuts.warnings(str(path)))
+    read = stream.summary()
     summary = {
-        **ds.summary(),
-        "rejected": len(ds.rejected),
-        "report": str(report) if ds.rejected else None,
-        "warnings": ds.warnings,
-        "store": svc.settings.store_url,
-        "store_counts": svc.store.counts(),
+        **read,
+        "new_items": result.items.new,
+        "updated_items": result.items.updated,
+        "unchanged_items": result.items.unchanged,
+        "new_events": result.events.new,
+        "duplicate_events": result.events.duplicates,
+        "rejected": len(stream.rejected),
+        "report": str(report) if stream.rejected else None,
+        "warnings": stream.warnings,
+        "store": store.url,
+        "store_counts": store.counts(),
     }
 
     def render() -> None:
-        s = ds.summary()
+        i, e = result.items, result.events
         console.print(
-            f"loaded {s['items']} items, {s['interactions']} events from {s['users']} users "
-            f"into {svc.settings.store_url}"
+            f"loaded {read['items']} items ({i.new} new, {i.updated} updated, {i.unchanged} unchanged) and "
+            f"{read['interactions']} events ({e.new} new, {e.duplicates} already in the store) from "
+            f"{read['users']} users into {escape(store.url)}",
+            highlight=False,
+            soft_wrap=True,  # one line, whatever the terminal's width: scripts grep it
         )
-        for w in ds.warnings:
+        for w in stream.warnings:
             console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
-        if ds.rejected:
-            console.print(f"[yellow]{len(ds.rejected)} rows rejected[/]; reasons in {report}")
+        if stream.rejected:
+            console.print(f"[yellow]{len(stream.rejected)} rows rejected[/]; reasons in {report}")
 
     _emit(summary, as_json, render)
+
+
+# Rows per ingest transaction: large enough that per-commit costs vanish, small enough to bound memory and the time
+# another writer (a server taking events) waits for the store.
+_INGEST_CHUNK = 10_000
 
 
 @app.command()
@@ -146,7 +181,7 @@ def index(as_json: bool = typer.Option(False, "--json", help="Print the index ma
     """Train every retrieval signal on the store's events and write the index folder."""
     from retrieval.index import read_manifest
 
-    svc = _service()
+    svc = _service(create_store=False)
     svc.build_index(log=(lambda m: None) if as_json else (lambda m: console.print(m, highlight=False)))
     manifest = read_manifest(svc.settings.index_path)
     _emit(manifest, as_json, lambda: console.print(f"index written to {svc.settings.index_path}"))
@@ -207,7 +242,7 @@ def candidates(
     as_json: bool = typer.Option(False, "--json", help="Print candidates as JSON."),
 ) -> None:
     """Retrieve fused candidates for a user, a query and/or a cart, with the signals that produced each."""
-    svc = _service()
+    svc = _service(create_store=False)
     cart_ids = [c.strip() for c in cart.split(",") if c.strip()] if cart else []
     request = svc.request(
         user=user,
@@ -237,7 +272,7 @@ def search(
     """Product search: BM25 + dense retrieval fused, optionally personalised."""
     if not query.strip():
         raise typer.BadParameter("the query is empty; type what to search for", param_hint="QUERY")
-    svc = _service()
+    svc = _service(create_store=False)
     request = svc.request(
         user=user, query=query, filters=_filters(category, min_price, max_price, in_stock, include_seen=False)
     )
@@ -278,7 +313,7 @@ def recommend(
         raise ValueError(f"--prompt {variant!r} is not a prompt variant. Fix: use one of: {', '.join(valid_variants)}.")
     if adapter is not None:
         _state["adapter"] = str(adapter)
-    svc = _service()
+    svc = _service(create_store=False)
     recommender = svc.recommender(use_llm=not no_llm)
     try:
         cfg = GeneratorConfig(
@@ -354,6 +389,12 @@ _register_ab(app, _friendly_errors)
 from shoprec.cli_serve import register as _register_serve  # noqa: E402
 
 _register_serve(app, _friendly_errors)
+from shoprec.cli_chat import register as _register_chat  # noqa: E402
+
+_register_chat(app, _friendly_errors)
+from shoprec.cli_llm import register as _register_llm  # noqa: E402 (`serve-llm`: the vLLM server, docs/vllm.md)
+
+_register_llm(app, _friendly_errors)
 
 
 if __name__ == "__main__":

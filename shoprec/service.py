@@ -43,14 +43,15 @@ def check_categories(catalog: Catalog, categories: Sequence[str]) -> None:
 class Shoprec:
     """One shop: its store, catalog and retrieval index, opened lazily from Settings."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, create_store: bool = True) -> None:
         self.settings = settings
+        self.create_store = create_store  # False: a missing store is an error (read-only commands), not a new file
 
     @cached_property
     def store(self) -> Any:
         from retrieval.store import open_store  # SQLite or PostgreSQL, by URL
 
-        return open_store(self.settings.store_url)
+        return open_store(self.settings.store_url, create=self.create_store)
 
     @cached_property
     def catalog(self) -> Catalog:
