@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.dense import atomic_directory, recover_directory, remove_orphan_temps
+from retrieval.persist import atomic_directory, recover_directory, remove_orphan_temps
 from retrieval.index import read_manifest
 
 
@@ -59,7 +59,7 @@ _KILL_MID_SWAP = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from retrieval.dense import atomic_directory
+    from retrieval.persist import atomic_directory
 
     target = Path(sys.argv[1])
     real_rename = os.rename
@@ -131,3 +131,26 @@ def test_fusion_fit_holds_out_a_capped_seeded_sample_of_users(tmp_path: Path, sm
     assert read_manifest(tmp_path / "index")["fusion_fit"]["cases"] == 40
     # the catalog the index was built for travels with it
     assert load_index(tmp_path / "index", None).catalog.ids == catalog.ids
+
+
+def test_compact_histories_train_the_same_signals(small_shop) -> None:
+    """`read_histories` (one small slotted object per event, for 1M-event builds) gives every signal the same
+    training data as `histories` over validated `Interaction`s."""
+    import numpy as np
+
+    from retrieval.catalog import Catalog
+    from retrieval.events import histories
+    from retrieval.index import fit_signals, read_histories
+
+    full, compact = histories(small_shop.interactions), read_histories(iter(small_shop.interactions))
+    assert list(full) == list(compact)
+    for user in full:
+        a, b = full[user], compact[user]
+        assert [(e.item_id, e.type, e.value, e.timestamp, e.position) for e in a] == [
+            (e.item_id, e.type, e.value, e.timestamp, e.position) for e in b
+        ]
+    catalog = Catalog(small_shop.items)
+    one = fit_signals(catalog, full, ("popularity", "itemknn"))
+    two = fit_signals(catalog, compact, ("popularity", "itemknn"))
+    np.testing.assert_array_equal(one["popularity"].counts, two["popularity"].counts)
+    assert (one["itemknn"].next != two["itemknn"].next).nnz == 0
