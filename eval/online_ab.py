@@ -389,7 +389,7 @@ def analyse(
             k_users = int((num > 0).sum())
             metrics[name] = {
                 "per_exposure": r,
-                "ci": [r - half, r + half],
+                "ci": [max(0.0, r - half), r + half],  # a rate is never negative; the normal CI can reach below 0
                 "var": var,
                 "events": int(num.sum()),
                 "per_user": k_users / len(us) if us else math.nan,

@@ -75,7 +75,7 @@ def render(r: dict[str, Any]) -> str:
         f"attribution: {r['attribution']}",
     ]
     head = f"  {'variant':<12}{'users':>7}{'expos.':>8}  {'CTR [95% CI]':<24}{'cart/exp':>9}{'buy/exp':>9}"
-    out += [head + f"{'click/user':>11}{'fallback':>9}{'valid':>7}"]
+    out += [head + f"{'click/user':>11}{'fallback':>9}{'valid':>8}"]
     for name, a in r["arms"].items():
         m = a["metrics"]
         ctr = m["ctr"]
@@ -84,7 +84,7 @@ def render(r: dict[str, Any]) -> str:
         out.append(
             f"  {name:<12}{a['users']:>7}{a['exposures']:>8}  {ci:<24}{_pct(m['cart_rate']['per_exposure']):>9}"
             f"{_pct(m['purchase_rate']['per_exposure']):>9}{_pct(m['ctr']['per_user']):>11}"
-            f"{_pct(g['fallback_rate']):>9}{_pct(g['validity_rate']):>7}"
+            f"{_pct(g['fallback_rate']):>9}{_pct(g['validity_rate']):>8}"
         )
     s = r["srm"]
     out.append(
@@ -141,9 +141,9 @@ def ab_report(
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
         return
-    console.print(render(result), highlight=False, markup=False)
+    sys.stdout.write(render(result) + "\n")  # plain text: no wrapping at the terminal's width
     if out is not None:
-        console.print(f"written: {out}" + (f", {result['plot']}" if result.get("plot") else ""), highlight=False)
+        sys.stdout.write(f"written: {out}" + (f", {result['plot']}" if result.get("plot") else "") + "\n")
 
 
 def ab_ramp(
