@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -138,8 +138,9 @@ def get_signal(name: str) -> Signal:
     return SIGNALS[name]
 
 
-def catalog_fingerprint(catalog: Catalog) -> str:
-    """sha256 over the items' ids and indexed texts, in catalog order."""
+def catalog_text_fingerprint(catalog: Catalog) -> str:
+    """sha256 over the items' ids and indexed texts, in catalog order: an index is stale when any text changed
+    (`retrieval.persist.catalog_ids_fingerprint` covers the ids' order only, for models indexed by row)."""
     h = hashlib.sha256()
     for item in catalog.items:
         h.update(item.id.encode())
@@ -196,6 +197,27 @@ def read_histories(events: Iterable[Interaction]) -> dict[str, list[Interaction]
     for evs in by_user.values():
         evs.sort(key=CompactEvent.order_key)  # stable: equal times keep their input order, as `histories`
     return by_user  # type: ignore[return-value]
+
+
+def read_store_histories(store: Any, page: int = 10_000) -> tuple[dict[str, list[Interaction]], dict[str, int]]:
+    """A store's events as compact training histories (`read_histories`), read page by page, and the store's
+    feed positions they were read at: exactly the events up to that event seq, so that a live index started
+    from this build (retrieval/live.py) catches up from there without counting any event twice."""
+    state = {"last_event_seq": int(store.last_event_seq()), "item_version": int(store.item_version())}
+
+    def events() -> Iterator[Interaction]:
+        seq = 0
+        while seq < state["last_event_seq"]:
+            batch = store.events_since(seq, limit=page)
+            if not batch:
+                return
+            for s, ev in batch:
+                if s > state["last_event_seq"]:
+                    return
+                yield ev
+            seq = batch[-1][0]
+
+    return read_histories(events()), state
 
 
 def fit_signals(
@@ -313,7 +335,7 @@ def build_index(
         )
     manifest = {
         "format_version": FORMAT_VERSION,
-        "catalog_fingerprint": catalog_fingerprint(catalog),
+        "catalog_fingerprint": catalog_text_fingerprint(catalog),
         "n_items": len(catalog),
         "n_users": len(histories),
         "n_events": sum(len(v) for v in histories.values()),
@@ -384,7 +406,7 @@ def load_index(directory: Path, catalog: Catalog | None, **opts: Any) -> FusionR
     manifest = read_manifest(directory)
     if catalog is None:
         catalog = read_catalog(directory)
-    if manifest["catalog_fingerprint"] != catalog_fingerprint(catalog):
+    if manifest["catalog_fingerprint"] != catalog_text_fingerprint(catalog):
         raise ValueError(
             f"the index at {directory} was built for a different catalog ({manifest['n_items']} items; the store "
             f"now has {len(catalog)}, or their texts changed). Fix: rebuild it with `shoprec index`."

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.catalog import Catalog
-from retrieval.events import histories
 from retrieval.fusion import FusionRetriever
 from retrieval.types import Candidate, Filters, RetrievalRequest
 from shoprec.config import Settings
@@ -125,7 +124,7 @@ class Shoprec:
 
     def build_index(self, log: Callable[[str], None] = print) -> FusionRetriever:
         """Train every signal from the store's events and write the index folder (atomically)."""
-        from retrieval.index import build_index
+        from retrieval.index import build_index, read_store_histories
         from retrieval.sequential import SASRecConfig
 
         if len(self.catalog) == 0:
@@ -133,11 +132,14 @@ class Shoprec:
         # SASRec's defaults are the setting measured best on ml-100k and Office (retrieval/sequential.py, and
         # eval/bench/retrieval.py); epochs may be capped for demos
         cfg = SASRecConfig(seed=self.settings.seed, epochs=self.settings.sasrec_epochs or SASRecConfig.epochs)
+        # compact histories (memory ~100 B per event), and the store position a live index catches up from
+        events, store_state = read_store_histories(self.store)
         fusion = build_index(
             self.catalog,
-            histories(self.store.interactions()),
+            events,
             self.settings.index_path,
             fit_fusion_weights=self.settings.fit_fusion,
+            store_state=store_state,
             log=log,
             encoder=self.encoder,
             sasrec_config=cfg,

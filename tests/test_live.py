@@ -12,7 +12,7 @@ import pytest
 
 from retrieval.catalog import Catalog
 from retrieval.events import histories
-from retrieval.index import build_index, load_index
+from retrieval.index import build_index, load_index, read_store_histories
 from retrieval.live import LiveIndex
 from retrieval.types import Filters, Interaction, InteractionType, Item, RetrievalRequest
 
@@ -214,10 +214,11 @@ def test_open_loads_the_built_catalog_and_catches_up_with_the_store(tmp_path, sm
     store = open_store(tmp_path / "shop.db")
     store.upsert_items(small_shop.items)
     store.add_events(small_shop.interactions)
-    state = {"last_event_seq": store.last_event_seq(), "item_version": store.item_version()}
+    hist, state = read_store_histories(store)  # what `shoprec index` trains on, and the position it read up to
+    assert state["last_event_seq"] == store.last_event_seq() == sum(len(evs) for evs in hist.values())
     catalog = Catalog(store.items())
     build_index(
-        catalog, histories(store.interactions()), tmp_path / "index", names=SIGNALS, encoder=encoder,
+        catalog, hist, tmp_path / "index", names=SIGNALS, encoder=encoder,
         store_state=state, fit_fusion_weights=False, progress=False,
     )  # fmt: skip
     # after the build: a product is added and bought by many (the store's catalog no longer matches the index)
