@@ -59,9 +59,9 @@ def metric_level(items: Sequence[Item], minimum: int = 10) -> int:
 
 def data_hash(catalog: Catalog, hist: Mapping[str, Sequence[Interaction]]) -> str:
     """sha256 over the catalog fingerprint and every event (user, item, time, position) in history order."""
-    from retrieval.index import catalog_fingerprint
+    from retrieval.index import catalog_text_fingerprint
 
-    h = hashlib.sha256(catalog_fingerprint(catalog).encode())
+    h = hashlib.sha256(catalog_text_fingerprint(catalog).encode())
     for user in sorted(hist):
         for e in hist[user]:
             ts = e.timestamp.isoformat() if e.timestamp is not None else ""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from generator.model import ADAPTER_MANIFEST
-from retrieval.dense import atomic_directory
+from retrieval.persist import atomic_directory
 
 MANIFEST_VERSION = 1
 

@@ -14,15 +14,10 @@ faiss is imported lazily (inside functions), so importing this module stays chea
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +26,12 @@ import numpy as np
 from retrieval.base import ScoringRetriever
 from retrieval.catalog import Catalog
 from retrieval.embed import TextEncoder
+from retrieval.persist import (  # the swap helpers lived here: still importable from this module
+    atomic_directory,
+    catalog_ids_fingerprint,
+    recover_directory,  # noqa: F401
+    remove_orphan_temps,  # noqa: F401
+)
 from retrieval.types import RetrievalRequest
 
 INDEX_FORMAT_VERSION = 1
@@ -59,180 +60,9 @@ DEFAULT_EF_SEARCH = 128
 # --------------------------------------------------------------------------------------------- persistence
 
 
-@contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Write a directory atomically: yields a fresh temp dir next to `target`; on success it replaces `target`.
-
-    On any exception the temp dir is removed and an existing `target` is left untouched. A directory cannot be
-    renamed over a non-empty one, so the swap is three renames under the lock file `.<name>.lock`: the finished
-    temp dir becomes `.<name>.new-*` (its name says it is complete), the old `target` goes aside to
-    `.<name>.old-*`, the new one moves in. A process killed anywhere in between leaves a state that
-    `recover_directory` completes at the next load or build (the complete new version wins, else the old one
-    comes back). Temp dirs of killed builds are removed at the next build: a build holds an flock on its temp
-    dir, so one that can be locked belongs to a dead process, and another process's build in progress is kept.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory; choose another index directory")
-    with _swap_lock(target):
-        _recover(target)
-        remove_orphan_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    held = _hold(tmp)  # released by the OS if this process dies: that is how a later build knows it is orphaned
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the index should be readable like any other output
-        yield tmp
-        _fsync_tree(tmp)
-        with _swap_lock(target):
-            ready = _unused_name(target, "new")
-            os.rename(tmp, ready)
-            if target.exists():
-                old = _unused_name(target, "old")
-                os.rename(target, old)
-                os.rename(ready, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(ready, target)
-            _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        os.close(held)
-
-
-def recover_directory(target: str | Path) -> str | None:
-    """Finish or undo a swap of `atomic_directory` that a killed process left half done.
-
-    Returns "promoted" (a complete new version moved in), "restored" (the previous version moved back), or None
-    when there was nothing to do. Cheap when there is nothing to do: no lock is taken, nothing is written.
-    """
-    target = Path(target)
-    if not target.parent.is_dir() or not _leftovers(target):
-        return None
-    with _swap_lock(target):
-        return _recover(target)
-
-
-def remove_orphan_temps(target: str | Path) -> list[Path]:
-    """Remove the temp dirs of `atomic_directory` builds whose process died; returns what was removed."""
-    target = Path(target)
-    removed = []
-    for d in target.parent.glob(f".{target.name}.????????.tmp"):  # mkdtemp's 8 random characters
-        if not d.is_dir():
-            continue
-        try:
-            fd = os.open(d, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # another process is writing it right now
-        finally:
-            os.close(fd)  # closing drops the lock we may have taken
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
-    return removed
-
-
-def _leftovers(target: Path) -> list[Path]:
-    return [*target.parent.glob(f".{target.name}.new-*"), *target.parent.glob(f".{target.name}.old-*")]
-
-
-def _recover(target: Path) -> str | None:
-    """`recover_directory`'s work; the caller holds the swap lock."""
-    by_age = lambda paths: sorted(paths, key=lambda p: p.stat().st_mtime_ns)  # noqa: E731
-    news = by_age(d for d in target.parent.glob(f".{target.name}.new-*") if d.is_dir())
-    olds = by_age(d for d in target.parent.glob(f".{target.name}.old-*") if d.is_dir())
-    action = None
-    if news:  # a fully written version was about to move in: finish the swap
-        if target.exists():
-            aside = _unused_name(target, "old")
-            os.rename(target, aside)
-            olds.append(aside)
-        os.rename(news[-1], target)
-        for d in news[:-1]:
-            shutil.rmtree(d, ignore_errors=True)
-        action = "promoted"
-    elif not target.exists() and olds:  # killed after moving the old version aside: bring it back
-        os.rename(olds.pop(), target)
-        action = "restored"
-    if target.exists():
-        for d in olds:
-            shutil.rmtree(d, ignore_errors=True)
-    if action:
-        _fsync_dir(target.parent)
-    return action
-
-
-def _unused_name(target: Path, tag: str) -> Path:
-    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
-    path.rmdir()  # only the unique name is wanted; rename needs it free
-    return path
-
-
-def _hold(directory: Path) -> int:
-    fd = os.open(directory, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
-
-
-@contextmanager
-def _swap_lock(target: Path) -> Iterator[None]:
-    """An exclusive flock on `.<name>.lock` beside `target`: one swap or recovery of it at a time, across
-    processes. The lock file is removed on release (no litter); a waiter that then holds a removed file's lock
-    sees that the path no longer names its file and locks again. (Not the parent folder itself: a build's temp
-    folder, flocked by its builder, is the parent of the sub-folders its signals save atomically.)"""
-    path = target.parent / f".{target.name}.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # while still holding it: nobody can lock this file and believe it current
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def catalog_fingerprint(catalog: Catalog) -> str:
-    """sha256 of the catalog's ids in row order: an index is only valid for the catalog it was built from."""
-    h = hashlib.sha256()
-    for item_id in catalog.ids:
-        h.update(item_id.encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -641,7 +471,7 @@ class DenseRetriever(ScoringRetriever):
                 {
                     "format_version": INDEX_FORMAT_VERSION,
                     "n_items": len(self.catalog),
-                    "catalog_sha256": catalog_fingerprint(self.catalog),
+                    "catalog_sha256": catalog_ids_fingerprint(self.catalog),
                     "vectors_sha256": file_sha256(tmp / VECTORS_FILE),
                     "options": {
                         "profile_weight": self.profile_weight,
@@ -658,7 +488,7 @@ class DenseRetriever(ScoringRetriever):
         directory = Path(directory)
         meta = read_json(directory / DENSE_FILE, "dense index")
         index = VectorIndex.load(directory, expected_model=encoder.name, expected_dim=encoder.dim)
-        if meta.get("catalog_sha256") != catalog_fingerprint(catalog):
+        if meta.get("catalog_sha256") != catalog_ids_fingerprint(catalog):
             raise ValueError(
                 f"dense index at {directory} was built for a different catalog ({meta.get('n_items')} items, "
                 f"this one has {len(catalog)} or lists other ids); rebuild it with `shoprec index`"

@@ -19,7 +19,8 @@ import numpy as np
 
 from retrieval.base import ScoringRetriever
 from retrieval.catalog import Catalog
-from retrieval.dense import atomic_directory, catalog_fingerprint, read_json, write_json
+from retrieval.dense import read_json, write_json
+from retrieval.persist import atomic_directory, catalog_ids_fingerprint
 from retrieval.types import RetrievalRequest
 
 LEXICAL_FORMAT_VERSION = 1
@@ -183,7 +184,7 @@ class BM25Retriever(ScoringRetriever):
                     "format_version": LEXICAL_FORMAT_VERSION,
                     "tokenizer": TOKENIZER_VERSION,
                     "n_items": len(self.catalog),
-                    "catalog_sha256": catalog_fingerprint(self.catalog),
+                    "catalog_sha256": catalog_ids_fingerprint(self.catalog),
                     "options": {"history_titles": self.history_titles},
                     "avgdl": self.avgdl,
                 },
@@ -202,7 +203,7 @@ class BM25Retriever(ScoringRetriever):
                 f"{meta.get('format_version')}, tokenizer {meta.get('tokenizer')!r}; this code uses "
                 f"{LEXICAL_FORMAT_VERSION}, {TOKENIZER_VERSION!r}); rebuild it with `shoprec index`"
             )
-        if meta.get("catalog_sha256") != catalog_fingerprint(catalog):
+        if meta.get("catalog_sha256") != catalog_ids_fingerprint(catalog):
             raise ValueError(
                 f"BM25 index at {directory} was built for a different catalog ({meta.get('n_items')} items, "
                 f"this one has {len(catalog)} or lists other ids); rebuild it with `shoprec index`"
