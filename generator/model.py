@@ -15,15 +15,13 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from retrieval.persist import parse_json
+from retrieval.persist import atomic_directory, parse_json
 
 EMBEDDED_PREFIX = "embedded:"
 # One visible registry of the models that ship inside a Python package: name -> (package, file in the package).
@@ -159,10 +157,10 @@ def ensure_hf_model(
     """The embedded model as a ready HF folder, converting the GGUF the first time only.
 
     The folder is ``<cache_dir>/<name>-bf16`` (or ``-fp32``), cache_dir defaulting to `default_cache_dir()`. The
-    conversion writes into a temporary sibling folder and renames it into place, so a crash never leaves a
-    half-written model behind, and two processes racing both end up with one complete folder (the loser's copy is
-    discarded). A cached folder is reused when its marker matches the GGUF file (name and size); a later call costs
-    a stat and a small JSON read.
+    conversion writes into a temporary sibling folder swapped into place by `retrieval.persist.atomic_directory`,
+    so a crash never leaves a half-written model behind, and two processes racing both end up with one complete
+    folder (the loser's copy is discarded). A cached folder is reused when its marker matches the GGUF file (name
+    and size); a later call costs a stat and a small JSON read.
     """
     dt = resolve_dtype(dtype)
     gguf = embedded_gguf_path(name)
@@ -172,31 +170,29 @@ def ensure_hf_model(
     if _cache_is_valid(final, fingerprint):
         return final
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    # atomic_directory: written in a temp folder beside `final` and swapped in under a lock, so a crash never leaves
+    # a half-written model and a stale or incomplete folder is replaced. The marker is written last: its presence
+    # means "complete".
     try:
-        t0 = time.perf_counter()
-        _convert_gguf(gguf, tmp, dt)
-        marker = {
-            **fingerprint,
-            "dtype": dt,
-            "converted_s": round(time.perf_counter() - t0, 2),
-            "transformers": _version("transformers"),
-        }
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared folder
-        if final.exists():  # stale (fingerprint changed) or incomplete: move it aside, then swap in the new one
-            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=root))
-            os.replace(final, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first; use its folder if it is complete
-            if not _cache_is_valid(final, fingerprint):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(final) as tmp:
+            t0 = time.perf_counter()
+            _convert_gguf(gguf, tmp, dt)
+            marker = {
+                **fingerprint,
+                "dtype": dt,
+                "converted_s": round(time.perf_counter() - t0, 2),
+                "transformers": _version("transformers"),
+            }
+            (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+            if _cache_is_valid(final, fingerprint):  # another process finished first: keep its folder (in use)
+                raise _AnotherProcessWon
+    except _AnotherProcessWon:
+        pass  # our copy was discarded with the temp folder
     return final
+
+
+class _AnotherProcessWon(Exception):
+    """Aborts our swap: a complete converted folder appeared while we were converting."""
 
 
 def resolve_model_path(spec: ModelSpec, cache_dir: str | Path | None = None, dtype: DType = "auto") -> str:

@@ -48,9 +48,7 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,7 +58,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from retrieval.persist import parse_json
+from retrieval.persist import atomic_write_text, parse_json
 from retrieval.text import collect_cuts
 from retrieval.types import Interaction, InteractionType, Item
 
@@ -387,22 +385,7 @@ def _summarise(rejects: _Rejects, warnings: list[str], report_path: Path | None)
 
 def _write_report(path: Path, rows: Sequence[RejectedRow]) -> None:
     lines = [json.dumps(asdict(r), ensure_ascii=False, sort_keys=True) + "\n" for r in rows]
-    _atomic_write(path, "".join(lines))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -884,12 +867,12 @@ def write_generic(
                 f"would make the folder ambiguous to load_dataset. Remove those files or write fmt={other!r}"
             )
     if fmt == "jsonl":
-        _atomic_write(items_path, "".join(_json_line(r) for r in item_rows))
-        _atomic_write(events_path, "".join(_json_line(r) for r in event_rows))
+        atomic_write_text(items_path, "".join(_json_line(r) for r in item_rows))
+        atomic_write_text(events_path, "".join(_json_line(r) for r in event_rows))
     else:
-        _atomic_write(items_path, _csv_text(_ITEM_FIELDS, [_item_cells(r) for r in item_rows]))
+        atomic_write_text(items_path, _csv_text(_ITEM_FIELDS, [_item_cells(r) for r in item_rows]))
         columns = [f for f in _EVENT_FIELDS if f not in _OPTIONAL_EVENT_KEYS or any(f in r for r in event_rows)]
-        _atomic_write(events_path, _csv_text(columns, [_cells(r) for r in event_rows]))
+        atomic_write_text(events_path, _csv_text(columns, [_cells(r) for r in event_rows]))
     return items_path, events_path
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.dense import VectorIndex
+from retrieval.persist import atomic_write, atomic_write_json
 
 DIM = 384
 K = 100
@@ -259,19 +259,7 @@ def pick_operating_point(results: Sequence[dict[str, Any]]) -> dict[str, Any] | 
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates it private; results are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, data, indent=2)
 
 
 def plot(path: Path, report: dict[str, Any]) -> None:
@@ -311,10 +299,8 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip("."), dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def machine_facts() -> dict[str, Any]:

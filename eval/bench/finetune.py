@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from retrieval.persist import atomic_write_json
+
 SIGNALS = ("popularity", "itemknn", "bm25", "dense")  # the eval configs' fusion (SASRec is left to the retrieval bench)
 
 
@@ -170,10 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _write(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, result, indent=2)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from retrieval.catalog import Catalog
 from retrieval.events import histories
 from retrieval.fusion import FusionRetriever
 from retrieval.index import fit_signals
+from retrieval.persist import atomic_write, atomic_write_json
 from retrieval.types import Candidate, Interaction, RetrievalRequest
 
 SIGNALS = ("popularity", "itemknn", "bm25")
@@ -558,10 +559,7 @@ def machine(backend_name: str) -> dict[str, Any]:
 
 
 def _write(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, report, indent=2)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -592,11 +590,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax2.set_title(f"position bias ({report['bias']['dataset']}, {report['bias']['users']} users)")
         ax2.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip("."), dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None, backend: Backend | None = None) -> dict[str, Any]:

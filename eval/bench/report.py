@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from retrieval.persist import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "eval" / "results"
@@ -308,9 +309,7 @@ def update_readme(readme: Path = ROOT / "README.md", results: Path = RESULTS) ->
         if md is not None:
             text = pattern.sub(functools.partial(_splice, table=md), text)
             done.append(name)
-    tmp = readme.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, readme)
+    atomic_write_text(readme, text)
     return done
 
 
@@ -325,9 +324,7 @@ def write_html_reports(results: Path = RESULTS) -> list[Path]:
             continue
         plot = path.with_suffix(".png")
         page = path.with_suffix(".html")
-        tmp = page.with_suffix(".html.tmp")
-        tmp.write_text(html(result, plot if plot.is_file() else None), encoding="utf-8")
-        os.replace(tmp, page)
+        atomic_write_text(page, html(result, plot if plot.is_file() else None))
         pages.append(page)
     return pages
 

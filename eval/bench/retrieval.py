@@ -33,6 +33,7 @@ from retrieval.catalog import Catalog
 from retrieval.events import histories
 from retrieval.fusion import FusionConfig, SignalLists, fit_weights, fuse_lists
 from retrieval.index import SIGNALS, fit_signals
+from retrieval.persist import atomic_write_json
 from retrieval.types import RetrievalRequest
 
 DEPTH = 200
@@ -213,10 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _write(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, report, indent=2, sort_keys=True)
 
 
 def format_table(report: dict[str, Any]) -> str:
