@@ -264,3 +264,63 @@ def describe(level: UserLevel) -> dict[str, float]:
         "theta_cv": 1 / math.sqrt(level.shape),
         "per_user_variance": per_user_variance(level),
     }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m eval.shoppers --url http://127.0.0.1:8000 --home var/ab --shoppers 200 --visits 3`: simulated
+    shoppers browse a running `shoprec serve`; prints each arm's visits, the true expected CTR and the events sent."""
+    import argparse
+    from pathlib import Path
+
+    import httpx
+
+    from retrieval.store import open_store
+
+    ap = argparse.ArgumentParser(description="Simulated shoppers browse a running shoprec service.")
+    ap.add_argument("--url", default="http://127.0.0.1:8000", help="The service's base URL.")
+    ap.add_argument("--home", type=Path, default=Path("var"), help="The service's home (its store holds the items).")
+    ap.add_argument("--store", default=None, help="Store path or URL (default <home>/shoprec.db).")
+    ap.add_argument("--shoppers", type=int, default=200)
+    ap.add_argument("--visits", type=int, default=3, help="Lists each shopper asks for.")
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--mode", default="score", help="retrieval | score | generate")
+    ap.add_argument("--base-click", type=float, default=ShopperModel.base_click)
+    ap.add_argument("--key", default=None, help="API key (none: the service runs with --dev).")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefix", default="S", help="Shopper ids are <prefix>0001, ...")
+    args = ap.parse_args(argv)
+    if args.shoppers < 1 or args.visits < 1:
+        ap.error("--shoppers and --visits must be at least 1")
+    store = open_store(args.store or f"sqlite:///{args.home / 'shoprec.db'}", create=False)
+    items = store.items()
+    store.close()
+    if not items:
+        ap.error(f"no items in the store of {args.home}; pass the service's --home (or --store)")
+    model = ShopperModel(base_click=args.base_click)
+    shoppers = make_shoppers(items, args.shoppers, seed=args.seed, model=model, prefix=args.prefix)
+    headers = {"Authorization": f"Bearer {args.key}"} if args.key else None
+    t0 = time.perf_counter()
+    with httpx.Client(base_url=args.url, timeout=120) as client:
+        visits = browse_http(
+            client,
+            shoppers,
+            {it.id: it for it in items},
+            visits_per_shopper=args.visits,
+            k=args.k,
+            seed=args.seed,
+            request={"mode": args.mode},
+            headers=headers,
+            model=model,
+        )
+    arms = sorted({str(v.variant) for v in visits})
+    print(f"{len(visits)} visits by {len(shoppers)} shoppers in {time.perf_counter() - t0:.0f} s")
+    for arm in arms:
+        vs = [v for v in visits if str(v.variant) == arm]
+        clicks = sum(kind == "click" for v in vs for _, kind in v.events)
+        true_ctr = sum(v.expected_clicks for v in vs) / len(vs)
+        rate = clicks / len(vs)
+        print(f"  {arm}: {len(vs)} visits, true expected CTR {true_ctr:.2%}, {clicks} clicks sent ({rate:.2%})")
+
+
+if __name__ == "__main__":
+    main()
