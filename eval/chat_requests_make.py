@@ -143,7 +143,7 @@ def make(seed: int = 0, n: int = 360) -> list[dict]:
     out = []
     for i in range(n):
         split = "dev" if i % 3 == 0 else "test"  # a third to improve on, two thirds measured
-        H = lambda opts, salt: rng.choice(halves(opts, split, salt))  # noqa: E731
+        H = lambda opts, salt, split=split: rng.choice(halves(opts, split, salt))  # noqa: E731
         expected: dict = {}
         shown = []
         parts = []

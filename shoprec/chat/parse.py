@@ -296,6 +296,7 @@ class CatalogVocab:
 
     def __init__(self, items: Iterable[Item]) -> None:
         names: dict[str, set[str]] = defaultdict(set)  # normalised (singular) name -> category path prefixes
+        part_names: dict[str, set[str]] = defaultdict(set)  # a part of a name ("cameras" of "Cameras & Photo")
         brands: dict[str, str] = {}
         attrs: dict[str, tuple[str, str]] = {}
         attr_conflicts: set[str] = set()
@@ -310,7 +311,7 @@ class CatalogVocab:
                 names[_sing_phrase(name)].add(path)
                 for part in re.split(r"\s*(?:&|,| and )\s*", name):  # "Sports & Outdoors" -> sports, outdoors
                     if part and part != name:
-                        names[_sing_phrase(part)].add(path)
+                        part_names[_sing_phrase(part)].add(path)
             if it.brand:
                 brands[_norm(it.brand)] = it.brand
             for key, value in it.attributes.items():
@@ -322,7 +323,8 @@ class CatalogVocab:
             words.update(_singular(w) for w in _norm(it.text()).split() if len(w) > 2)
         # a name under several paths means its most general one when they nest, else it is ambiguous
         self.categories: dict[str, str] = {}
-        for name, paths in names.items():
+        # a whole category name wins over a part of another one: "cameras" is Cameras, not Cameras & Photo
+        for name, paths in [*part_names.items(), *names.items()]:
             shortest = min(paths, key=len)
             if all(p == shortest or p.startswith(shortest + " > ") for p in paths):
                 self.categories[name] = shortest
@@ -548,11 +550,12 @@ class Parser:
                 pieces.append(text[last : m.start()])
                 last = m.end()
                 continue  # "not the brand of the second one": the brand rule reads it
+            after = re.split(r"[.,;!?]|\bbut\b|\band\b", text[m.end() : m.end() + 40])[0]
             if re.search(r"\bthan\s*$", clause, re.I):  # "cheaper than the second one": the price rule read it
                 pieces.append(text[last : m.start()])
                 last = m.end()
                 continue
-            if _CART_CUE.search(clause):
+            if _CART_CUE.search(clause) or _CART_CUE.search(after):
                 out.cart.append(item_id)
             elif _REJECT_CUE.search(clause):
                 out.rejected.append(item_id)

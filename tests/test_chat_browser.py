@@ -1,0 +1,114 @@
+"""The chat page in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright; no browser download):
+type a request, see cards, refine ("cheaper"), see the prices drop, click a card, see the event stored."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="Debian's chromium is not installed (make sysdeps)"),
+]
+
+
+def serve(app) -> tuple[str, object]:
+    """Run `app` under uvicorn in a thread on a free loopback port; returns (base url, server)."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the service failed to start (its log above says why)")
+        if time.monotonic() > deadline:
+            raise RuntimeError("the service did not start within 120 s")
+        time.sleep(0.1)
+    return f"http://127.0.0.1:{port}", server
+
+
+def drive(base_url: str, first: str, screenshot: Path | None = None, timeout_ms: int = 60_000) -> dict:
+    """The shopper's session in the page; returns what it saw (prices per answer, the click's status line)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        dialogs: list[str] = []  # a script injected through catalog text would open one
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(base_url + "/chat")
+
+        def ask(text: str, n: int) -> list[float]:
+            page.fill("#message", text)
+            page.click("#ask button")
+            page.wait_for_selector(f".msg.bot.answer:nth-of-type({2 * n}).done", timeout=timeout_ms)
+            answer = page.locator(".msg.bot.answer").nth(n - 1)
+            prices = [float(p) for p in answer.locator(".card").evaluate_all("cs => cs.map(c => c.dataset.price)")]
+            return prices
+
+        first_prices = ask(first, 1)
+        cheaper_prices = ask("cheaper", 2)
+        last = page.locator(".msg.bot.answer").nth(1)
+        last.locator(".card .why-btn").first.click()
+        reason_visible = last.locator(".card.why .reason").first.is_visible()
+        last.locator(".card").first.click()
+        page.wait_for_function("document.getElementById('status').textContent.includes('stored')", timeout=timeout_ms)
+        status = page.text_content("#status") or ""
+        if screenshot is not None:
+            page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return {
+        "first": first_prices,
+        "cheaper": cheaper_prices,
+        "status": status,
+        "reason_visible": reason_visible,
+        "dialogs": dialogs,
+    }
+
+
+def test_shopper_session_in_chromium(tmp_path_factory, small_shop):
+    from shoprec.api import create_app
+    from shoprec.chat.api import router
+    from shoprec.config import Settings
+    from shoprec.service import Shoprec
+
+    home = tmp_path_factory.mktemp("browserhome")
+    settings = Settings(home=home, llm_backend="fake", sasrec_epochs=1, fit_fusion=False, allow_anonymous_local=True)
+    core = Shoprec(settings)
+    # a title with markup: the page must show it as text, never run it
+    items = [small_shop.items[0].model_copy(update={"title": "<img src=x onerror=alert(1)> Evil Lamp"})]
+    core.store.ingest([*items, *small_shop.items[1:]], small_shop.interactions)
+    core.build_index(log=lambda _m: None)
+    base, server = serve(create_app(settings, routers=[router]))
+    try:
+        dept = small_shop.items[0].category[0]
+        seen = drive(base, f"{dept} under 1000")
+    finally:
+        server.should_exit = True  # type: ignore[attr-defined]
+    assert seen["first"] and seen["cheaper"]
+    assert max(seen["cheaper"]) < max(seen["first"])
+    assert "stored" in seen["status"] and seen["reason_visible"] and seen["dialogs"] == []
+    rec_id = seen["status"].split("recommendation ")[1].rstrip(")")
+    stored = core.store.events_for_recommendations([rec_id])
+    assert len(stored) == 1 and stored[0].type.value == "view"
