@@ -127,12 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     result = score(load_set(split=args.split), parser_for_demo())
     result["split"] = args.split
     for slot, s in result["per_slot"].items():
-        print(
-            f"{slot:16s} P {s['precision']:.3f}  R {s['recall']:.3f}  F1 {s['f1']:.3f}  (tp {s['tp']}, fp {s['fp']}, fn {s['fn']})"
-        )
-    print(
-        f"{args.split}: {result['requests']} requests, {result['exact']} fully right, micro-F1 {result['micro_f1']:.3f}"
-    )
+        counts = f"(tp {s['tp']}, fp {s['fp']}, fn {s['fn']})"
+        print(f"{slot:16s} P {s['precision']:.3f}  R {s['recall']:.3f}  F1 {s['f1']:.3f}  {counts}")
+    n, exact = result["requests"], result["exact"]
+    print(f"{args.split}: {n} requests, {exact} fully right, micro-F1 {result['micro_f1']:.3f}")
     for e in result["errors"][: args.show_errors]:
         print(json.dumps(e))
     if args.out:
