@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 SYSDEPS := postgresql chromium chromium-driver
 SYSDEP_BINS := /usr/lib/postgresql /usr/bin/chromium /usr/bin/chromedriver
 
-.PHONY: sysdeps venv demo test test-fast check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-eval bench-generator finetune-demo bench-finetune clean
+.PHONY: sysdeps venv demo test test-fast check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-ingest bench-eval bench-generator finetune-demo bench-finetune clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -92,6 +92,10 @@ bench-generator: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(BIN)/python -m eval.bench.faiss_scale --out eval/results/faiss_scale.json
+
+# Peak memory and time of `shoprec ingest` on 1M events, ingested twice (issue 12: < 1 GB; the second adds 0); ~4 min.
+bench-ingest: $(STAMP)
+	$(BIN)/python -m eval.bench.ingest_memory --events 1000000 --reingest --out eval/results/ingest_memory.json
 
 # Reproduces the demo adapter shipped in generator/adapters/demo (trained on the synthetic demo shop ONLY; ~20 CPU-min
 # on 1 thread of this box, longer when the cores are shared). It teaches the 135M model grounded one-line reasons.
