@@ -206,3 +206,59 @@ def test_unknown_category_is_an_error_with_close_matches(evil_home):
     assert r.exit_code == 2 and "'Garden' matches no catalog category" in r.output and "'Electronics'" in r.output
     r = runner.invoke(app, ["candidates", "--category", "Electronics > Phones", "--json"])
     assert r.exit_code == 0 and {c["category"] for c in json.loads(r.stdout)["candidates"]} == {"Electronics > Phones"}
+
+
+# ---- keyword stuffing (BM25) ------------------------------------------------------------------------------------
+
+
+def _stuffed_shop():
+    from retrieval.catalog import Catalog
+
+    heads = [
+        Item(
+            id=f"h{n}",
+            title=f"{brand} True Wireless Earbuds",
+            category=("Electronics", "Headphones"),
+            description="Wireless earbuds with noise cancellation.",
+        )
+        for n, brand in enumerate(["Zentro", "Auralis", "Sonique", "Vibe"])
+    ]
+    others = [
+        Item(id=f"o{n}", title=f"{name} {n}", category=("Home", "Garden"), description=f"A {name.lower()} for home.")
+        for n, name in enumerate(["Planter", "Watering Can", "Hose", "Rake", "Shovel", "Pot", "Seed Tray", "Trowel"])
+    ]
+    stuffed = Item(
+        id="stuffed",
+        title="GreenThumb Indoor Planter",
+        category=("Home", "Garden"),
+        description="A planter. " + "wireless headphones " * 300,
+    )
+    return Catalog([*heads, *others, stuffed])
+
+
+def _rank(bm25, catalog, query: str, item_id: str) -> int:
+    from retrieval.types import RetrievalRequest
+
+    scores = bm25.score(RetrievalRequest(query=query))
+    return 1 + int((scores > scores[catalog.index[item_id]]).sum())
+
+
+def test_keyword_stuffing_gains_nothing(tmp_path):
+    from retrieval.lexical import TOKENIZER_VERSION, WHOLE_TEXT_TOKENIZER, BM25Retriever
+
+    catalog = _stuffed_shop()
+    old = BM25Retriever.build(catalog, tokenizer=WHOLE_TEXT_TOKENIZER)
+    assert _rank(old, catalog, "wireless headphones", "stuffed") == 1  # the attack, with whole-text BM25
+    new = BM25Retriever.build(catalog)
+    assert _rank(new, catalog, "wireless headphones", "stuffed") > 4  # behind every real pair of headphones
+    assert _rank(new, catalog, "wireless earbuds zentro", "h0") == 1  # honest matching still works
+    # an index built before the change still loads and scores as it was built; an unknown one says what to do
+    old.save(tmp_path / "v1")
+    loaded = BM25Retriever.load(tmp_path / "v1", catalog)
+    assert loaded.tokenizer == WHOLE_TEXT_TOKENIZER and _rank(loaded, catalog, "wireless headphones", "stuffed") == 1
+    new.save(tmp_path / "v2")
+    assert BM25Retriever.load(tmp_path / "v2", catalog).tokenizer == TOKENIZER_VERSION
+    meta = tmp_path / "v2" / "lexical.json"
+    meta.write_text(meta.read_text().replace(TOKENIZER_VERSION, "v9-future"))
+    with pytest.raises(ValueError, match="rebuild it with `shoprec index`"):
+        BM25Retriever.load(tmp_path / "v2", catalog)
