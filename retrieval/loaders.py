@@ -30,6 +30,8 @@ line numbers in errors are physical lines, counting a CSV header as line 1.
 - ``value``: a number (the rating, or a quantity), or null.
 - ``timestamp``: ISO 8601 (no offset = UTC) or unix seconds as a number.
 - ``position``: an integer >= 0, the order within the user's history.
+- ``event_id``: the source's own id of the event (the store keeps one event per id); optional.
+- ``recommendation_id``: the served recommendation the event came from (attribution); optional.
 
 Each event needs a timestamp or a position.
 
@@ -38,6 +40,9 @@ Each event needs a timestamp or a position.
 ``in_stock`` as true/false (also 1/0, yes/no). An empty cell means the field is missing.
 
 Any other field is an error (the data types forbid extras): put shop-specific facts under ``attributes``.
+An item is built with only the fields its row gives (a missing key, null or an empty cell is "not given"), so
+the store's merge keeps the others (`Item.model_fields_set`). `stream_dataset` reads the generic format row by
+row for files of any size; `load_dataset` collects the same rows into lists.
 `write_generic` writes this format (JSONL or CSV), deterministically, and `load_dataset` reads it back.
 """
 
