@@ -161,12 +161,23 @@ def browse_http(
     headers: dict[str, str] | None = None,
     model: ShopperModel = ShopperModel(),
     clock: Callable[[], float] = time.time,
+    warmup: int = 0,
 ) -> list[Visit]:
     """Each shopper asks `POST /v1/recommend` `visits_per_shopper` times and sends what they did to `/v1/events`.
 
-    `client` is an httpx.Client on the service's base URL. Returns every visit with its true expected clicks."""
+    `client` is an httpx.Client on the service's base URL. With `warmup` > 0 each shopper first views that many
+    items drawn by their taste (appeal²), without a recommendation id: a history the service personalises with.
+    Returns every visit with its true expected clicks."""
     rng = np.random.default_rng(seed)
     out: list[Visit] = []
+    if warmup > 0:
+        pool = list(catalog.values())
+        for s in shoppers:
+            w = np.array([appeal(s, it) ** 2 for it in pool])
+            picked = rng.choice(len(pool), size=min(warmup, len(pool)), replace=False, p=w / w.sum())
+            now = datetime.fromtimestamp(clock(), UTC).isoformat()
+            views = [{"user_id": s.id, "item_id": pool[int(i)].id, "type": "view", "timestamp": now} for i in picked]
+            client.post("/v1/events", json={"events": views}, headers=headers).raise_for_status()
     for _ in range(visits_per_shopper):
         for s in shoppers:
             body = {"user": s.id, "k": k, **(request or {})}
@@ -288,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--key", default=None, help="API key (none: the service runs with --dev).")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prefix", default="S", help="Shopper ids are <prefix>0001, ...")
+    ap.add_argument("--warmup", type=int, default=3, help="Items each shopper views first (their history).")
     args = ap.parse_args(argv)
     if args.shoppers < 1 or args.visits < 1:
         ap.error("--shoppers and --visits must be at least 1")
@@ -311,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             request={"mode": args.mode},
             headers=headers,
             model=model,
+            warmup=args.warmup,
         )
     arms = sorted({str(v.variant) for v in visits})
     print(f"{len(visits)} visits by {len(shoppers)} shoppers in {time.perf_counter() - t0:.0f} s")

@@ -51,7 +51,7 @@ def ab_list(as_json: bool = typer.Option(False, "--json", help="Print the experi
     """The experiments of the configured file: traffic, arms, window, endpoints."""
     exps = _registry().experiments()
     if as_json:
-        sys.stdout.write(json.dumps([e.model_dump(mode="json") for e in exps], indent=2) + "\n")
+        sys.stdout.write(json.dumps([e.model_dump(mode="json", exclude_none=True) for e in exps], indent=2) + "\n")
         return
     now = datetime.now(UTC)
     for e in exps:
@@ -66,6 +66,10 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2%}"
 
 
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f}"
+
+
 def render(r: dict[str, Any]) -> str:
     """The report as text: the lines `shoprec ab report` prints (and docs/experiments.md shows)."""
     d = r["design"]
@@ -75,7 +79,7 @@ def render(r: dict[str, Any]) -> str:
         f"attribution: {r['attribution']}",
     ]
     head = f"  {'variant':<12}{'users':>7}{'expos.':>8}  {'CTR [95% CI]':<24}{'cart/exp':>9}{'buy/exp':>9}"
-    out += [head + f"{'click/user':>11}{'fallback':>9}{'valid':>8}"]
+    out += [head + f"{'click/user':>11}{'fallback':>9}{'valid':>8}{'p95 ms':>8}"]
     for name, a in r["arms"].items():
         m = a["metrics"]
         ctr = m["ctr"]
@@ -84,7 +88,7 @@ def render(r: dict[str, Any]) -> str:
         out.append(
             f"  {name:<12}{a['users']:>7}{a['exposures']:>8}  {ci:<24}{_pct(m['cart_rate']['per_exposure']):>9}"
             f"{_pct(m['purchase_rate']['per_exposure']):>9}{_pct(m['ctr']['per_user']):>11}"
-            f"{_pct(g['fallback_rate']):>9}{_pct(g['validity_rate']):>8}"
+            f"{_pct(g['fallback_rate']):>9}{_pct(g['validity_rate']):>8}{_ms(g['p95_latency_ms']):>8}"
         )
     s = r["srm"]
     out.append(

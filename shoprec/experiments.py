@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import re
 import threading
@@ -321,7 +322,13 @@ def parse(data: dict[str, Any], source: str) -> ExperimentsFile:
     try:
         return ExperimentsFile(**data)
     except ValidationError as e:
-        errors = e.errors()
+        # a failed variant also makes its list "too short": report the cause, not that echo
+        locs = [tuple(err["loc"]) for err in e.errors()]
+        errors = [
+            err
+            for err, loc in zip(e.errors(), locs, strict=True)
+            if not any(other[: len(loc)] == loc and other != loc for other in locs)
+        ]
         shown = "; ".join(f"{_where(err['loc'], data)}: {err['msg']}" for err in errors[:3])
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         raise ConfigError(f"{source}: {shown}{more}. See docs/experiments.md for every field.") from None
@@ -567,11 +574,15 @@ def report(store: Any, experiment: Experiment, *, look_every: int = 100) -> dict
         ts = ev.timestamp.timestamp() if ev.timestamp else None
         outcomes.append(Outcome(ev.user_id, ev.item_id, str(ev.type), ts, ev.recommendation_id))
     if experiment.attribution_window_s > 0:
-        for user in sorted({log.user_id for log in logs if log.user_id}):
-            for ev in store.history(user):
-                if ev.recommendation_id is None and ev.timestamp is not None:
+        first: dict[str, float] = {}
+        for log in logs:
+            if log.user_id:
+                first[log.user_id] = min(first.get(log.user_id, math.inf), log.created_at.timestamp())
+        for user, since in sorted(first.items()):
+            for ev in store.history(user):  # only what followed the user's first exposure can be credited
+                if ev.recommendation_id is None and ev.timestamp is not None and ev.timestamp.timestamp() >= since:
                     outcomes.append(Outcome(ev.user_id, ev.item_id, str(ev.type), ev.timestamp.timestamp(), None))
     result = analyse(design_of(experiment), exposures, outcomes, look_every=look_every)
-    result["experiment"] = experiment.model_dump(mode="json")
+    result["experiment"] = experiment.model_dump(mode="json", exclude_none=True)
     result["generated_at"] = datetime.now(UTC).isoformat()
     return result

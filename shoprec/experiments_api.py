@@ -94,7 +94,7 @@ def _save(reg: ExperimentRegistry, old: Experiment | None, new: Experiment, forc
 
 def _summary(e: Experiment) -> dict[str, Any]:
     now = datetime.now(UTC)
-    return {**e.model_dump(mode="json"), "running": e.active(now) and e.traffic > 0}
+    return {**e.model_dump(mode="json", exclude_none=True), "running": e.active(now) and e.traffic > 0}
 
 
 @router.get("/v1/experiments")
