@@ -163,7 +163,7 @@ def ingest(
             soft_wrap=True,  # one line, whatever the terminal's width: scripts grep it
         )
         for w in stream.warnings:
-            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
         if stream.rejected:
             console.print(f"[yellow]{len(stream.rejected)} rows rejected[/]; reasons in {report}")
 
