@@ -78,8 +78,15 @@ def _fit_sasrec(catalog: Catalog, hist: Mapping[str, Sequence[Interaction]], opt
 def _fit_dense(catalog: Catalog, hist: Mapping[str, Sequence[Interaction]], opts: dict[str, Any]) -> Retriever:
     from retrieval.dense import DenseRetriever
 
+    # Batches of 16 texts: the encoder's attention buffers grow with batch x length^2, and the longest texts come
+    # first. On the demo catalog batch 64 added ~630 MB to the build's peak RSS, 16 about a quarter of that
+    # (eval/bench/index_memory.py), at the same speed on CPU.
     return DenseRetriever.build(
-        catalog, opts["encoder"], flat_threshold=opts.get("flat_threshold", 50_000), progress=opts.get("progress", True)
+        catalog,
+        opts["encoder"],
+        flat_threshold=opts.get("flat_threshold", 50_000),
+        batch_size=opts.get("embed_batch_size", 16),
+        progress=opts.get("progress", True),
     )
 
 

@@ -380,6 +380,34 @@ class LiveIndex:
                 "events_skipped": skipped,
             }
 
+    def reload(self, directory: str | Path, store: Any) -> None:
+        """Swap in the index at `directory` (rebuilt by `shoprec index` or `fold`), caught up with `store`.
+
+        The new index is loaded and caught up outside the lock; requests keep being served by the old one until
+        the swap. What the old one had applied live is in the store, so the new one counts it once: from its
+        build (events up to the build's recorded position) or from the catch-up (events after it)."""
+        fresh = LiveIndex.open(directory, store, encoder=self._encoder)
+        with self._update:
+            fresh.sync(store)  # what arrived while it loaded; no other update runs until the swap is done
+            with self._rw.write():
+                self._fusion, self._rows, self._view = fresh._fusion, fresh._rows, fresh._view
+                self._event_seq, self._item_version = fresh._event_seq, fresh._item_version
+                self._recent, self._pending, self._pending_order = fresh._recent, Counter(), deque()
+                self._store = store
+            self.stats["reloads"] += 1
+
+    def fold(self, directory: str | Path, store: Any, **build_opts: Any) -> None:
+        """Rebuild the index from the store into `directory` (what `shoprec index` does: every signal retrained,
+        live deltas folded into the main indexes) and swap it in. Takes minutes; requests are served meanwhile.
+        `build_opts` go to `retrieval.index.build_index` (encoder, sasrec_config, ...)."""
+        from retrieval.index import build_index, read_store_histories
+
+        build_opts.setdefault("encoder", self._encoder)
+        histories, state = read_store_histories(store)
+        build_index(Catalog(store.items()), histories, Path(directory), store_state=state, **build_opts)
+        del histories
+        self.reload(directory, store)
+
     @property
     def positions(self) -> dict[str, int | None]:
         """The store feed positions this index has caught up to (event seq, item version)."""

@@ -17,7 +17,7 @@ from retrieval.live import LiveIndex
 from retrieval.types import Filters, Interaction, InteractionType, Item, RetrievalRequest
 
 SIGNALS = ("popularity", "itemknn", "bm25", "dense")  # SASRec is covered on its own below (training costs seconds)
-NOW = datetime(2030, 1, 1, tzinfo=UTC)
+NOW = datetime(2025, 1, 2, tzinfo=UTC)  # just after the synthetic shop's last day: live events are the newest
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +291,32 @@ def test_sasrec_gives_new_rows_no_score(small_shop):
     scores = sasrec.score(RetrievalRequest(history=(catalog.ids[0], "NEW-1")))
     assert scores is not None and len(scores) == len(grown)
     assert scores[-1] == -np.inf and np.isfinite(scores[:-1]).all()
+
+
+@pytest.mark.slow
+def test_fold_rebuilds_with_the_live_changes_and_keeps_serving(tmp_path, small_shop, encoder):
+    from retrieval.store import open_store
+
+    store = open_store(tmp_path / "shop.db")
+    store.upsert_items(small_shop.items)
+    store.add_events(small_shop.interactions)
+    opts = {"names": SIGNALS, "fit_fusion_weights": False, "progress": False}
+    hist, state = read_store_histories(store)
+    build_index(Catalog(store.items()), hist, tmp_path / "index", encoder=encoder, store_state=state, **opts)
+    live = LiveIndex.open(tmp_path / "index", store, encoder=encoder)
+    gone = small_shop.items[5].id
+    store.upsert_items([_new_item()])
+    store.delete_item(gone)
+    late = [ev for n in range(40) for ev in _events(f"late-{n}", ["NEW-1"])]
+    store.add_events(late)
+    live.sync(store)
+    counts_live = live.fusion.retrievers["popularity"].counts[live.fusion.catalog.index["NEW-1"]]
+    live.fold(tmp_path / "index", store, **opts)
+    # the rebuilt index knows the new item natively (no live rows left) and counted its events exactly once
+    assert live.fusion.catalog.ids == live.catalog.ids and "NEW-1" in live.catalog and gone not in live.catalog
+    assert not live.fusion.retrievers["bm25"]._live_docs
+    pop = live.fusion.retrievers["popularity"]
+    assert counts_live > 0
+    assert pop.counts[live.fusion.catalog.index["NEW-1"]] == pytest.approx(40 * 5.0)  # 40 purchases, once each
+    assert _ids(live, RetrievalRequest(), 5)[0] == "NEW-1"
+    assert live.sync(store)["events"] == 0
