@@ -194,7 +194,11 @@ def _ranked_answer_order(p: Prepared, target: int) -> list[int]:
 
 
 def _context(
-    p: Prepared, history_shown: int, complements: Mapping[str, frozenset[str]], catalog: object
+    p: Prepared,
+    history_shown: int,
+    complements: Mapping[str, frozenset[str]],
+    catalog: object,
+    popular: Mapping[str, int] | None = None,  # the catalog's best sellers, as serving knows them
 ) -> ReasonContext:
     shown = p.request.history[-history_shown:] if history_shown else ()
     return ReasonContext(
@@ -203,6 +207,7 @@ def _context(
         cart=p.request.cart,
         query=p.request.query,
         complements=complements,
+        popular=popular or {},
     )
 
 
@@ -223,7 +228,7 @@ def _rank_example(
     recommender: Recommender, p: Prepared, order: Sequence[int], case: Case, comp: Mapping[str, frozenset[str]]
 ) -> Example:
     assert recommender.backend is not None
-    ctx = _context(p, p.config.max_history, comp, recommender.catalog)
+    ctx = _context(p, p.config.max_history, comp, recommender.catalog, recommender.popular_items())
     tok = recommender.backend.tokenizer
     budget = p.config.max_reason_tokens
     spans: set[tuple[int, ...]] = set()  # COPY_SPAN-grams of the earlier lines' reasons: the decoder bans copies
@@ -275,7 +280,7 @@ def _reason_example(
 ) -> Example:
     assert recommender.backend is not None
     prompt, ctrl = recommender.reason_prompt(p, index, line)
-    ctx = _context(p, p.config.reason_history_shown, comp, recommender.catalog)
+    ctx = _context(p, p.config.reason_history_shown, comp, recommender.catalog, recommender.popular_items())
     item = recommender.catalog[p.candidates[index].item_id]
     kind, reason = write_reason(item, ctx, p.candidates[index], fits=_fits(recommender, p.config.max_reason_tokens))
     answer = " " + format_answer([(p.views[index].label, reason)]).split(") ", 1)[1] + "\n"

@@ -230,7 +230,8 @@ def check_reasons(
             continue
         p = recommender.prepare(request, cfg)
         by_id = {c.item_id: c for c in p.candidates}
-        ctx = ReasonContext(recommender.catalog, request.history[-shown:] if shown else (), complements=complements)
+        history = request.history[-shown:] if shown else ()
+        ctx = ReasonContext(recommender.catalog, history, complements=complements, popular=recommender.popular_items())
         for pick in rec.picks:
             kind = check_reason(pick.reason, recommender.catalog[pick.item_id], ctx, by_id.get(pick.item_id))
             checked += 1

@@ -12,12 +12,22 @@ complement (history)  ``Goes with your Arclite Slim Phone.``                 the
 same brand            ``Same brand as your Arclite Slim Phone.``             both items have that brand
 same category         ``An alternative to your Arclite Slim Phone.``         both are in the same leaf category
 same department       ``More Electronics, like your recent picks.``          a shown history item is in that department
-co-bought             ``Often bought with your recent items.``               item-kNN retrieved it within its top 10
-next step             ``A common next step after your recent items.``        the sequential model did, within top 10
-similar               ``Similar to what you have been browsing.``            the dense retriever did, within top 10
-popular               ``Popular with other shoppers.``                       popularity did, within top 20
+co-bought (history)   ``Often bought with your recent items.``               item-kNN ranked it in its top 10 from a
+                                                                             shown history (not a cart request)
+co-bought (cart)      ``Often bought with the items in your cart.``          item-kNN did, from the cart
+next step             ``A common next step after your recent items.``        the sequential model did, with a history
+                                                                             or cart to follow
+similar               ``Similar to what you have been browsing.``            the dense retriever did from the history
+                                                                             alone (no query, no cart)
+popular               ``The shop's #3 most popular item.``                   the item is in the catalog's top 5% by
+                                                                             popularity, at that rank (`popular_items`)
 new department        ``Something new for you from Beauty.``                 no shown history item is in that department
 ====================  =====================================================  ==========================================
+
+A sentence about "your recent items" or "what you have been browsing" needs a history to be about: for a new shopper
+the same retriever evidence is simply not said. Popularity is evidence only for the catalog's real best sellers
+(top `POPULAR_SHARE` of the catalog by the popularity model's weighted counts, and at least `POPULAR_MIN_WEIGHT`):
+a rank in the popularity signal's own list is not, since in a small shop every candidate is "top 20".
 
 The last one is the honest reason of a diversity pick: the category-diversity step brings in items from departments
 the shopper has not touched, where nothing personal holds; saying that it broadens their picks is true, checkable
@@ -29,7 +39,13 @@ may be cited (the caller passes them). Complements come from the catalog owner (
 `SyntheticData.complements`); without them that evidence is simply never used.
 
 `check_reason` reads a sentence back with the same patterns and confirms its evidence against the catalog: what
-the "≥ 95% of reasons cite confirmed evidence" measure counts (finetune/train.py reports it).
+the "≥ 95% of reasons cite confirmed evidence" measure counts (finetune/train.py reports it). `verify_reason` also
+accepts the honest no-evidence sentences when the department they name is the item's: every served reason must pass
+it (tests/test_reasons_property.py).
+
+The K reasons of one list differ where the evidence differs: `distinct_choices` moves a sentence an earlier pick of
+the same list already uses behind the pick's other true sentences (or drops it from the model's choices), so five
+picks with different evidence never share one generic line. docs/reasons.md shows examples.
 """
 
 from __future__ import annotations
@@ -38,12 +54,18 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from retrieval.catalog import Catalog
 from retrieval.types import Candidate, Item
 
 MAX_NAME_WORDS = 5
 CO_BOUGHT_RANK = 10  # a signal "backs" a reason only when it ranked the item this high
-POPULAR_RANK = 20
+# "Popular" means a real best seller: the top 5% of the catalog by the popularity model's weighted counts (a view
+# weighs 1, a purchase 5, decayed by age), and a weight of at least 3 (about three recent views), so that a shop
+# with little traffic has no "best sellers" to speak of.
+POPULAR_SHARE = 0.05
+POPULAR_MIN_WEIGHT = 3.0
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset("and the for with from your you are this that not but any all new set pack size".split())  # noqa: SIM905
 
@@ -70,12 +92,31 @@ class ReasonContext:
     cart: tuple[str, ...] = ()
     query: str | None = None
     complements: Mapping[str, frozenset[str]] = field(default_factory=dict)  # leaf path -> complement leaf paths
+    popular: Mapping[str, int] = field(default_factory=dict)  # best seller id -> its rank (`popular_items`)
+
+    @property
+    def mode(self) -> str:
+        """What the retrievers were answering (as `RetrievalRequest.mode`): 'cart', 'query' or 'user'."""
+        return "cart" if self.cart else "query" if self.query else "user"
 
     def recent_first(self) -> list[Item]:
         return [self.catalog[i] for i in reversed(self.history) if i in self.catalog]
 
     def cart_items(self) -> list[Item]:
         return [self.catalog[i] for i in self.cart if i in self.catalog]
+
+
+def popular_items(
+    catalog: Catalog, counts: np.ndarray, share: float = POPULAR_SHARE, min_weight: float = POPULAR_MIN_WEIGHT
+) -> dict[str, int]:
+    """The catalog's best sellers, id -> rank (1 = most popular): the top `share` of its items by `counts` (the
+    popularity model's weighted counts, aligned with the catalog's rows; at least one item), keeping only those
+    weighing `min_weight` or more. Ties keep catalog order."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if len(counts) != len(catalog):
+        raise ValueError(f"popularity counts cover {len(counts)} items, the catalog has {len(catalog)}")
+    top = np.argsort(-counts, kind="stable")[: max(1, int(len(counts) * share))]
+    return {catalog.items[r].id: rank for rank, r in enumerate(top, start=1) if counts[r] >= min_weight}
 
 
 def _leaf(item: Item) -> str:
@@ -107,28 +148,73 @@ def _signal_rank(candidate: Candidate | None, name: str) -> int | None:
     return candidate.sources[name].rank
 
 
+def _ranked(signal: str) -> Callable[[ReasonContext, Item, Candidate | None], bool]:
+    """The retriever `signal` ranked the candidate within CO_BOUGHT_RANK."""
+
+    def holds(ctx: ReasonContext, item: Item, candidate: Candidate | None) -> bool:
+        rank = _signal_rank(candidate, signal)
+        return rank is not None and rank <= CO_BOUGHT_RANK
+
+    return holds
+
+
+def _has_history(ctx: ReasonContext, item: Item) -> bool:
+    return any(i != item.id for i in ctx.history)
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """Evidence that is a fact about the shop rather than about one named item: its wordings and when it holds."""
+
+    kind: str
+    wordings: tuple[str, ...]
+    holds: Callable[[ReasonContext, Item, Candidate | None], bool]
+
+
 # Each generic sentence comes in a few wordings, so that the K lines of one answer never copy each other (the
-# decoder forbids a reason copying 6 tokens of an earlier one; see generator/decoding.py).
-_CO_BOUGHT = ("Often bought with your recent items.", "Shoppers who bought your recent items often add this.")
-_NEXT = ("A common next step after your recent items.", "Often chosen next after items like yours.")
-_SIMILAR = ("Similar to what you have been browsing.", "Close to the items you looked at recently.")
-_POPULAR = ("Popular with other shoppers.", "A best seller with other shoppers.")
-# Retriever evidence: (kind, signal, best rank that backs it, wordings); one table for saying and for checking.
+# decoder forbids a reason copying 6 tokens of an earlier one; see generator/decoding.py). One table for saying and
+# for checking. Sentences about "your recent items" need a shown history; "browsing" is only true of the dense
+# retriever's user mode (in query and cart mode it matched the query or the cart).
 _SIGNAL_EVIDENCE = (
-    ("co-bought", "itemknn", CO_BOUGHT_RANK, _CO_BOUGHT),
-    ("next", "sasrec", CO_BOUGHT_RANK, _NEXT),
-    ("similar", "dense", CO_BOUGHT_RANK, _SIMILAR),
-    ("popular", "popularity", POPULAR_RANK, _POPULAR),
+    _Evidence(
+        "co-bought",
+        ("Often bought with your recent items.", "Shoppers who bought your recent items often add this."),
+        lambda ctx, it, c: ctx.mode != "cart" and _has_history(ctx, it) and _ranked("itemknn")(ctx, it, c),
+    ),
+    _Evidence(
+        "co-bought",
+        ("Often bought with the items in your cart.", "Shoppers often add this to a cart like yours."),
+        lambda ctx, it, c: ctx.mode == "cart" and _ranked("itemknn")(ctx, it, c),
+    ),
+    _Evidence(
+        "next",
+        ("A common next step after your recent items.", "Often chosen next after items like yours."),
+        lambda ctx, it, c: (_has_history(ctx, it) or bool(ctx.cart)) and _ranked("sasrec")(ctx, it, c),
+    ),
+    _Evidence(
+        "similar",
+        ("Similar to what you have been browsing.", "Close to the items you looked at recently."),
+        lambda ctx, it, c: ctx.mode == "user" and _has_history(ctx, it) and _ranked("dense")(ctx, it, c),
+    ),
+    _Evidence(
+        "popular",
+        ("Popular with other shoppers.", "A best seller with other shoppers."),
+        lambda ctx, it, c: it.id in ctx.popular,
+    ),
 )
+# Popularity is said by rank, the most specific wording, so best sellers side by side say different things (the
+# generic wordings above are still confirmed when true: an adapter trained before may write them).
+_POPULAR_RANKED = "The shop's #{} most popular item."
 _EXPLORE = ("Something new for you from {}.", "Broadens your picks with {}.")
-# No evidence at all: says so honestly (the checker never confirms these), in wordings that start differently.
-_NONE = ("A well-reviewed pick in {}.", "Worth a look in {}.", "Another choice from {}.", "Also consider this {} item.")
+# No evidence at all: says so honestly, claiming nothing (no "well-reviewed": there are no reviews to back it), in
+# wordings that start differently. `check_reason` never confirms these; `verify_reason` checks the department.
+_NONE = ("Worth a look in {}.", "Another choice from {}.", "Also consider this {} item.", "One more option from {}.")
 
 
 def reason_options(item: Item, ctx: ReasonContext, candidate: Candidate | None = None) -> list[tuple[str, str]]:
     """Every (evidence kind, sentence) that holds for `item`, strongest first; the last few ("none") always hold."""
     out: list[tuple[str, str]] = []
-    for term in _query_terms(ctx, item)[:1]:
+    for term in _query_terms(ctx, item)[:3]:  # several, longest first: picks matching different words say so
         out.append(("query", f'Matches your search for "{term}".'))
     for c in ctx.cart_items():
         if c.id != item.id and _complements(ctx, c, item):
@@ -148,10 +234,11 @@ def reason_options(item: Item, ctx: ReasonContext, candidate: Candidate | None =
             break
     if item.category and any(h.category[:1] == item.category[:1] for h in recent):
         out.append(("department", f"More {item.category[0]}, like your recent picks."))
-    for kind, signal, limit, wordings in _SIGNAL_EVIDENCE:
-        rank = _signal_rank(candidate, signal)
-        if rank is not None and rank <= limit:
-            out.extend((kind, s) for s in wordings)
+    for evidence in _SIGNAL_EVIDENCE:
+        if evidence.kind == "popular" and item.id in ctx.popular:  # said by its rank: the most specific wording
+            out.append(("popular", _POPULAR_RANKED.format(ctx.popular[item.id])))
+        elif evidence.holds(ctx, item, candidate):
+            out.extend((evidence.kind, s) for s in evidence.wordings)
     if _new_department(item, recent):
         out.extend(("explore", s.format(item.category[0])) for s in _EXPLORE)
     department = item.category[0] if item.category else "this shop"
@@ -201,8 +288,10 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("category", re.compile(r"^An alternative to your (?P<name>.+?)\.?$")),
     ("department", re.compile(r"^More (?P<dept>.+), like your recent picks\.?$")),
     ("explore", re.compile(r"^(?:Something new for you from|Broadens your picks with) (?P<dept>.+?)\.?$")),
+    ("popular", re.compile(r"^The shop's #(?P<rank>\d+) most popular item\.?$")),
 )
-_SIGNAL_SENTENCES = {s: (kind, signal, limit) for kind, signal, limit, wordings in _SIGNAL_EVIDENCE for s in wordings}
+_SIGNAL_SENTENCES = {s: evidence for evidence in _SIGNAL_EVIDENCE for s in evidence.wordings}
+_NONE_PATTERNS = tuple(re.compile("^" + re.escape(s).replace(r"\{\}", "(?P<dept>.+)") + "$") for s in _NONE)
 
 
 def _named(items: Sequence[Item], name: str) -> list[Item]:
@@ -226,9 +315,8 @@ def check_reason(reason: str, item: Item, ctx: ReasonContext, candidate: Candida
     """
     text = reason.strip()
     if text in _SIGNAL_SENTENCES:
-        kind, signal, limit = _SIGNAL_SENTENCES[text]
-        rank = _signal_rank(candidate, signal)
-        return kind if rank is not None and rank <= limit else None
+        evidence = _SIGNAL_SENTENCES[text]
+        return evidence.kind if evidence.holds(ctx, item, candidate) else None
     recent = [h for h in ctx.recent_first() if h.id != item.id]
     for kind, pattern in _PATTERNS:
         m = pattern.match(text)
@@ -251,6 +339,52 @@ def check_reason(reason: str, item: Item, ctx: ReasonContext, candidate: Candida
             dept = m["dept"].strip()
             ok = bool(item.category) and item.category[0] == dept and any(h.category[:1] == (dept,) for h in recent)
             return kind if ok else None
+        if kind == "popular":
+            return kind if ctx.popular.get(item.id) == int(m["rank"]) else None
         if kind == "explore":
             return kind if item.category[:1] == (m["dept"].strip(),) and _new_department(item, recent) else None
     return None
+
+
+def verify_reason(reason: str, item: Item, ctx: ReasonContext, candidate: Candidate | None = None) -> str | None:
+    """`check_reason`, plus "none" for an honest no-evidence sentence that names the item's own department: None
+    only for a sentence that is false or unverifiable. What every served reason must pass."""
+    kind = check_reason(reason, item, ctx, candidate)
+    if kind is not None:
+        return kind
+    department = item.category[0] if item.category else "this shop"
+    for pattern in _NONE_PATTERNS:
+        m = pattern.match(reason.strip())
+        if m is not None and m["dept"] == department:
+            return "none"
+    return None
+
+
+def prefer_fresh(sentences: Sequence[str], used: Iterable[str]) -> list[str]:
+    """`sentences` (one pick's true sentences, strongest first) without those an earlier pick of the same list
+    already leads with, so that the reasons of a list differ where the evidence does. A repeat is kept when dropping
+    it would leave only no-evidence sentences where there was evidence: repeating true evidence beats hiding it."""
+    seen = set(used)
+    fresh = [s for s in sentences if s not in seen]
+    if len(fresh) == len(sentences):
+        return list(sentences)
+    if fresh and (not all(map(_is_none_sentence, fresh)) or all(map(_is_none_sentence, sentences))):
+        return fresh
+    return list(sentences)
+
+
+def distinct_choices(per_pick: Sequence[Sequence[str]]) -> list[list[str]]:
+    """`prefer_fresh` along one list: each pick's sentences, avoiding what the picks before it lead with (each
+    pick's first sentence is its planned reason: what a fallback says, and what later picks avoid)."""
+    leads: list[str] = []
+    out: list[list[str]] = []
+    for sentences in per_pick:
+        choices = prefer_fresh(sentences, leads)
+        out.append(choices)
+        if choices:
+            leads.append(choices[0])
+    return out
+
+
+def _is_none_sentence(sentence: str) -> bool:
+    return any(p.match(sentence) for p in _NONE_PATTERNS)

@@ -509,13 +509,13 @@ class Recommender:
             popular=self.popular_items(),
         )
 
-    def popular_items(self) -> frozenset[str]:
-        """The catalog's best sellers by the retriever's popularity model (generator.reasons.popular_items); none
-        without one. Cached until the counts change (a live index counts new events in place)."""
+    def popular_items(self) -> Mapping[str, int]:
+        """The catalog's best sellers (id -> rank) by the retriever's popularity model (generator.reasons.
+        popular_items); none without one. Cached until the counts change (a live index counts events in place)."""
         model = getattr(self.retriever, "retrievers", {}).get("popularity")
         counts = getattr(model, "counts", None)
         if counts is None:
-            return frozenset()
+            return {}
         key = (id(model), len(counts), float(np.sum(counts)))
         cached = self.__dict__.get("_popular")
         if cached is None or cached[0] != key:

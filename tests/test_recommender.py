@@ -120,7 +120,8 @@ def test_constraint_widens_candidates_or_says_why(parts):
 def _assert_grounded(out, catalog, retriever, request, cfg, history_shown):
     """Every reason is a sentence generator.reasons proves for its pick; the checker confirms it unless it is
     the honest no-evidence sentence (only allowed when nothing else holds)."""
-    ctx = ReasonContext(catalog, tuple(request.history[-history_shown:]), query=request.query)
+    popular = Recommender(retriever, catalog, None).popular_items()  # the catalog's best sellers
+    ctx = ReasonContext(catalog, tuple(request.history[-history_shown:]), query=request.query, popular=popular)
     by_id = {c.item_id: c for c in retriever.retrieve(request, 500)}
     confirmed = 0
     for p in out.picks:
