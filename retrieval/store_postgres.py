@@ -153,24 +153,39 @@ class PostgresStore(Store):
 
     def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
+        if conn is None or conn.closed or conn.broken:  # broken: the server restarted or dropped us; reconnect
             conn = self._local.conn = self._connect()
         return conn
 
     @contextmanager
     def _read(self) -> Iterator[Cursor]:
         conn = self._conn()
-        with conn.transaction(), conn.cursor() as cur:  # READ COMMITTED, read only: no lock is taken
+        with self._connection_errors(), conn.transaction(), conn.cursor() as cur:  # READ COMMITTED: no lock
             yield _PgCursor(cur)
 
     @contextmanager
     def _write(self) -> Iterator[Cursor]:
         with self._lock:
             conn = self._conn()
-            with conn.transaction(), conn.cursor() as raw:
+            with self._connection_errors(), conn.transaction(), conn.cursor() as raw:
                 cur = _PgCursor(raw)
                 cur.execute("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK_KEY,))  # held until commit
                 yield cur
+
+    @contextmanager
+    def _connection_errors(self) -> Iterator[None]:
+        """A dropped connection (server restart, network) -> a one-line StoreError; the next call reconnects."""
+        import psycopg
+
+        try:
+            yield
+        except psycopg.OperationalError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StoreError(
+                f"lost the connection to the store {self.url} ({first}); nothing of this call was committed "
+                "unless the error came at the commit itself. Fix: retry (writes are idempotent: events are "
+                "deduplicated, items merge)"
+            ) from None
 
     def close(self) -> None:
         """Close every thread's connection; the store cannot be used afterwards."""

@@ -403,6 +403,21 @@ def test_readers_run_while_another_process_holds_the_write_lock(url: str) -> Non
         holder.wait()
 
 
+def test_a_dropped_postgresql_connection_is_one_error_then_reconnects(pg_server) -> None:
+    import psycopg
+
+    with open_store(pg_server.fresh_url()) as store:
+        store.upsert_items(make_items())
+        with psycopg.connect(pg_server.base_url, autocommit=True) as admin:  # what a server restart does to us
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND datname = current_database()"
+            )
+        with pytest.raises(StoreError, match="lost the connection.*Fix: retry"):
+            store.items()
+        assert [it.id for it in store.items()] == ["i0", "i1", "i2"]  # reconnected
+
+
 # ---------------------------------------------------------------------------------------------------
 # SQLite files
 # ---------------------------------------------------------------------------------------------------
