@@ -219,3 +219,49 @@ def test_traffic_is_counted_in_buckets() -> None:
     salt, lo, hi = exp.bucket_span()
     assert (salt, lo, hi) == ("terse", 0, 1234)
     assert hi <= BUCKETS
+
+
+def test_report_reads_the_store_log_and_attributes_by_id_and_window(tmp_path: Path) -> None:
+    """The store path of the report, without a server: log two exposures, send events, read the report."""
+    from datetime import timedelta
+
+    from retrieval.store import RecommendationLog, open_store
+    from retrieval.types import Interaction, InteractionType, Item
+    from shoprec.experiments import report
+
+    store = open_store(tmp_path / "shop.db")
+    store.upsert_items(Item(id=f"P{i}", title=f"Item {i}", category=("Cat",)) for i in range(6))
+    exp = _exp(traffic=1.0)
+    t0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    arms = {}
+    for n, user in enumerate(("U1", "U2", "U3", "U4")):
+        arm = exp.variant_of(user).name
+        arms[user] = arm
+        store.log_recommendation(
+            RecommendationLog(
+                id=f"rec-{user}", created_at=t0 + timedelta(seconds=n), endpoint="recommend", user_id=user,
+                unit_id=user, items=("P0", "P1", "P2"), mode="retrieval", experiment=exp.id, variant=arm,
+                request={"k": 3},
+            )
+        )  # fmt: skip
+    store.log_recommendation(  # another experiment's exposure: not in this report
+        RecommendationLog(id="other", endpoint="recommend", user_id="U1", items=("P0",), mode="score")
+    )
+    view, cart = InteractionType.VIEW, InteractionType.CART
+    store.add_events(
+        [
+            Interaction(user_id="U1", item_id="P0", type=view, timestamp=t0 - timedelta(hours=1)),  # before: history
+            Interaction(user_id="U1", item_id="P1", type=view, timestamp=t0 + timedelta(seconds=30),
+                        recommendation_id="rec-U1"),  # by id
+            Interaction(user_id="U2", item_id="P2", type=cart, timestamp=t0 + timedelta(minutes=5)),  # by window
+            Interaction(user_id="U3", item_id="P5", type=view, timestamp=t0 + timedelta(minutes=5)),  # not shown
+            Interaction(user_id="U4", item_id="P0", type=view, timestamp=t0 + timedelta(hours=3)),  # after window
+        ]
+    )  # fmt: skip
+    r = report(store, exp)
+    assert r["exposures"] == 4 and r["users"] == 4
+    assert r["attribution"] == {"by_id": 1, "by_window": 1, "item_not_shown": 0, "no_exposure": 2, "duplicate": 0}
+    clicks = {arm: r["arms"][arm]["metrics"]["ctr"]["events"] for arm in ("control", "terse")}
+    assert clicks[arms["U1"]] >= 1 and sum(clicks.values()) == 1
+    assert sum(r["arms"][a]["metrics"]["cart_rate"]["events"] for a in ("control", "terse")) == 1
+    assert r["arms"][arms["U1"]]["guardrails"]["validity_rate"] == 1.0
