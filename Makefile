@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 SYSDEPS := postgresql chromium chromium-driver
 SYSDEP_BINS := /usr/lib/postgresql /usr/bin/chromium /usr/bin/chromedriver
 
-.PHONY: sysdeps venv demo test test-fast check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-ingest bench-eval bench-generator finetune-demo bench-finetune clean
+.PHONY: sysdeps venv demo test test-fast check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-ingest bench-eval bench-generator bench-ab finetune-demo bench-finetune clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -53,7 +53,7 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 # Full benchmark suite on ../shared/data and the demo shop (~1 h on 2 cores), then the README tables.
-bench: bench-retrieval bench-scale bench-eval bench-generator
+bench: bench-retrieval bench-scale bench-eval bench-generator bench-ab
 	$(BIN)/python -m eval.bench.report
 
 # Seconds-long smoke run of the same code (CI-sized): demo shop, a few users, 20k vectors.
@@ -92,6 +92,11 @@ bench-generator: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(BIN)/python -m eval.bench.faiss_scale --out eval/results/faiss_scale.json
+
+# The online A/B statistics by simulation (docs/experiments.md): A/A false positives of the sequential test with a
+# look every 100 users, power for +10% CTR, the SRM alarm at 52/48; ~2.5 min, seeded.
+bench-ab: $(STAMP)
+	$(BIN)/python -m eval.bench.ab_sim --out eval/results/ab_sim.json
 
 # Peak memory and time of `shoprec ingest` on 1M events, ingested twice (issue 12: < 1 GB; the second adds 0); ~4 min.
 bench-ingest: $(STAMP)
