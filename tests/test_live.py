@@ -320,3 +320,19 @@ def test_fold_rebuilds_with_the_live_changes_and_keeps_serving(tmp_path, small_s
     assert pop.counts[live.fusion.catalog.index["NEW-1"]] == pytest.approx(40 * 5.0)  # 40 purchases, once each
     assert _ids(live, RetrievalRequest(), 5)[0] == "NEW-1"
     assert live.sync(store)["events"] == 0
+
+
+def test_an_approximate_dense_index_merges_the_live_rows(live, encoder):
+    """With IVF (large catalogs) the FAISS index is not rebuilt: new and edited rows are searched exactly beside it."""
+    from retrieval.dense import DenseRetriever, VectorIndex
+
+    base = live.fusion.retrievers["dense"]
+    ivf = DenseRetriever(base.catalog, encoder, base.vectors, VectorIndex.build(base.vectors, kind="ivf", nlist=4))
+    assert not ivf.index.exact
+    edited = base.catalog.items[9].model_copy(update={"title": "Zorblax quantum espresso grinder deluxe"})
+    grown = base.catalog.updated([edited, _new_item()])
+    ivf.update_rows(grown, [9, len(base.catalog)])
+    scores = ivf.score(RetrievalRequest(query="zorblax quantum espresso grinder"))
+    assert scores is not None and len(scores) == len(grown)
+    top = [grown.items[r].id for r in np.argsort(-scores)[:2]]
+    assert set(top) == {"NEW-1", edited.id}
