@@ -193,6 +193,11 @@ class DatasetStream:
             self._users.add(ev.user_id)
             yield ev
 
+    @property
+    def items_done(self) -> bool:
+        """Whether `items()` has been read to its end."""
+        return self._items_done
+
     def summary(self) -> dict[str, int]:
         """Counts of distinct users, items and interactions read so far, keyed like `Dataset.summary()`."""
         return {"users": len(self._users), "items": self._n_items, "interactions": self._n_events}

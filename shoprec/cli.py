@@ -133,6 +133,8 @@ def ingest(
         try:
             result = store.ingest(stream.items(), stream.events(), replace=replace, chunk_size=_INGEST_CHUNK)
         except LoadError as e:
+            if not (stream.items_done or stream.summary()["items"] > _INGEST_CHUNK):
+                raise  # failed inside the first chunk: nothing was written
             raise ValueError(
                 f"{e} (rows before it were stored in chunks of {_INGEST_CHUNK:,}; after the fix run the same "
                 "command again: what is already stored is skipped, not doubled)"

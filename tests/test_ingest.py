@@ -107,6 +107,13 @@ def test_a_run_that_fails_half_way_can_be_run_again(
     _events_file(data, 1000)  # fixed
     out = ingest(str(data))
     assert out["new_events"] + out["duplicate_events"] == 1000 and out["store_counts"]["interactions"] == 1000
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "items.jsonl").write_text('{"id": "x", "title": "X"}\n{"id": "y"}\n', encoding="utf-8")
+    r = runner.invoke(app, ["ingest", str(early)])  # fails inside the first chunk: nothing written, no note
+    assert r.exit_code == 2 and "items.jsonl:2" in r.output and "run the same command again" not in r.output
+    with open_store(home / "shoprec.db") as store:
+        assert store.item("x") is None
 
 
 def test_streaming_ingest_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
