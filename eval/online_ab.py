@@ -570,6 +570,7 @@ def plot_sequential(report: dict[str, Any], path: Any) -> Any:
         return None
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     alpha = report["design"]["alpha"]
+    bounds: list[float] = []
     for c in comps:
         t = c["sequential"]["trace"]
         users = np.array(t["users"])
@@ -579,6 +580,11 @@ def plot_sequential(report: dict[str, Any], path: Any) -> Any:
         d = np.array([np.nan if x is None else x for x in t["diff"]], dtype=float)
         ax2.plot(users, d, label=f"{c['variant']} − {c['control']}")
         ax2.fill_between(users, lo, hi, alpha=0.2)
+        tail = slice(len(users) // 10, None)  # the first looks' intervals are wide: scale the axis to the rest
+        bounds += [x for x in (*lo[tail], *hi[tail]) if np.isfinite(x)]
+    if bounds:
+        pad = 0.1 * (max(bounds) - min(bounds)) or 0.01
+        ax2.set_ylim(min(bounds) - pad, max(bounds) + pad)
     ax1.axhline(alpha, color="red", linestyle="--", label=f"α = {alpha}")
     ax1.set_yscale("log")
     ax1.set_ylabel("always-valid p (mSPRT)")
