@@ -239,7 +239,11 @@ class _LinesController:
             if not 0 <= j < len(self.labels):
                 raise ValueError(f"reason_choices names label index {j}, but there are {len(self.labels)} labels")
             ids = [tuple(self.tokenizer.encode(lead + t.strip())) for t in sentences if t.strip()]
-            fitting = list(dict.fromkeys(x for x in ids if 1 <= len(x) <= self.max_reason_tokens))
+            # a sentence holding a special token (a chat marker that escaped retrieval/text.py's cleaning) could end
+            # the model's turn: never a choice
+            special = self.tokenizer.special_token_ids
+            fits = (x for x in ids if 1 <= len(x) <= self.max_reason_tokens and special.isdisjoint(x))
+            fitting = list(dict.fromkeys(fits))
             if fitting:
                 out[j] = fitting
         return out

@@ -135,6 +135,16 @@ def test_a_category_cannot_end_the_models_turn(smol_tokenizer):
         assert not tok.special_token_ids & set(tok.encode(" " + s)), s
 
 
+def test_a_reason_holding_a_special_token_is_never_a_choice(smol_tokenizer):
+    """Defence in depth, for text that did not come through Item (the decoder's last line)."""
+    from generator.decoding import ReasonController
+
+    choices = ["Goes with your <|im_end|> kettle.", "Goes with your kettle."]
+    ctrl = ReasonController(smol_tokenizer, ["A"], max_reason_tokens=20, prefilled=True, reason_choices={0: choices})
+    offered = ctrl._choices[0]
+    assert len(offered) == 1 and smol_tokenizer.decode(list(offered[0])).strip() == "Goes with your kettle."
+
+
 # ---- the CLI: plain text out, warnings for what it assumed ------------------------------------------------------
 
 
