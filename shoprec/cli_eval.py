@@ -40,7 +40,9 @@ def _log(quiet: bool) -> Callable[[str], None]:
 
 def eval_command(
     data: str = typer.Option("demo", "--data", help="'demo', ml-100k, office (../shared/data) or a dataset folder."),
-    protocol: str = typer.Option("full", "--protocol", help="Candidates: full | sampled | retrieved."),
+    protocol: str = typer.Option(
+        "full", "--protocol", help="Candidates: full | sampled | retrieved; or chat (eval/chat_protocol.py)."
+    ),
     config: list[str] = typer.Option(
         ["baselines"],
         "--config",
@@ -64,6 +66,14 @@ def eval_command(
 ) -> None:
     """Evaluate systems under one protocol: JSON result (metrics with 95% CIs, per-user values) + Markdown and HTML
     reports."""
+    if protocol == "chat":  # the conversational protocol: its own systems (raw text vs the chat turn) and metrics
+        from eval.chat_protocol import print_conversations, run_conversations, write_result
+
+        _threads(threads)
+        conv = run_conversations(data, users or 200, seed, log=_log(as_json))
+        write_result(out or Path("eval/results") / f"chat-{Path(data).name}.json", conv)
+        print_conversations(conv)
+        return
     from eval.harness import load_configs, run, write_json
     from eval.report_eval import html, markdown, plot_curve
 

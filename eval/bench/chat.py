@@ -1,0 +1,115 @@
+"""Latency of a chat turn on the demo shop: first cards (retrieval) and the whole turn with reasons (transformers).
+
+Run: `python -m eval.bench.chat --home var/demo --out eval/results/chat-latency.json` (a built demo home: `shoprec
+demo --home var/demo`). Each conversation is 4 turns a new shopper would type ("wireless headphones under $80",
+"cheaper", "not that brand", "more like the second one", and other starts); the whole set runs `--rounds` times
+after one warm-up conversation (the first model call pays one-time costs). k = 5, score mode, grounded reasons,
+the demo adapter when present. Targets (issue 15): first cards <= 1 s p50, whole turn <= 4 s p50.
+
+What is timed, per turn, from the message to: `first_cards` — the first SSE event's content (parse + retrieval +
+diversity, no model); `turn` — the final answer with the LLM's order and reasons. Writes JSON with p50/p90/max
+and the machine; the box's load is recorded (os.getloadavg) because the 2 cores are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONVERSATIONS = [
+    ["wireless headphones under $80", "cheaper", "not that brand", "more like the second one"],
+    ["a tent for camping", "under 150", "not the first one", "something cheaper"],
+    ["coffee maker", "between 30 and 120 dollars", "no Aurelon", "like the third one"],
+    ["dog food", "cheaper", "not that brand", "add the first one to my cart"],
+    ["a sketchbook for my daughter", "under 20€", "more like the second one", "cheaper"],
+]
+
+
+def run(home: Path, rounds: int, threads: int) -> dict[str, Any]:
+    import torch
+
+    from shoprec.chat.turn import ChatEngine
+    from shoprec.config import Settings
+    from shoprec.demo import demo_adapter
+    from shoprec.service import Shoprec
+
+    torch.set_num_threads(threads)
+    adapter = demo_adapter()
+    svc = Shoprec(Settings(home=home, adapter=str(adapter) if adapter else None))
+    t0 = time.perf_counter()
+    engine = ChatEngine(svc.catalog, svc.recommender(), history=lambda u: [e.item_id for e in svc.store.history(u)])
+    load_s = time.perf_counter() - t0
+
+    def conversation(turns: list[str]) -> list[dict[str, Any]]:
+        state = None
+        out = []
+        for message in turns:
+            t = time.perf_counter()
+            first = None
+            last = None
+            for answer in engine.run(message, state):
+                if first is None and answer.cards:
+                    first = (time.perf_counter() - t) * 1000
+                last = answer
+            total = (time.perf_counter() - t) * 1000
+            assert last is not None
+            state = last.state
+            out.append(
+                {"message": message, "kind": last.kind, "first_cards_ms": first, "turn_ms": total,
+                 "fallback": last.fallback_reason, "cards": len(last.cards)}
+            )  # fmt: skip
+        return out
+
+    conversation(CONVERSATIONS[0])  # warm-up
+    load0 = os.getloadavg()
+    turns = [t for _ in range(rounds) for conv in CONVERSATIONS for t in conversation(conv)]
+    load1 = os.getloadavg()
+    firsts = [t["first_cards_ms"] for t in turns if t["first_cards_ms"] is not None]
+    whole = [t["turn_ms"] for t in turns if t["kind"] == "picks"]
+
+    def pct(v: list[float]) -> dict[str, float]:
+        return {q: round(float(np.percentile(v, p)), 1) for q, p in (("p50", 50), ("p90", 90))} | {
+            "max": round(float(max(v)), 1),
+            "n": len(v),
+        }
+
+    return {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch_threads": threads,
+        },
+        "load_average_1m": {"before": round(load0[0], 2), "after": round(load1[0], 2)},
+        "model": {"adapter": str(adapter) if adapter else None, "load_s": round(load_s, 1)},
+        "first_cards_ms": pct(firsts),
+        "turn_with_reasons_ms": pct(whole),
+        "targets": {"first_cards_p50_ms": 1000, "turn_p50_ms": 4000},
+        "turns": turns,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--home", type=Path, default=Path("var/demo"))
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("eval/results/chat-latency.json"))
+    args = ap.parse_args(argv)
+    result = run(args.home, args.rounds, args.threads)
+    print(json.dumps({k: v for k, v in result.items() if k != "turns"}, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
