@@ -889,6 +889,9 @@ def _extra_routers() -> list[APIRouter]:
     from shoprec.experiments_api import router as experiments_router  # GET/PUT/PATCH /v1/experiments
 
     found.append(experiments_router)
+    from shoprec.chat.api import router as chat_router  # POST /v1/chat (SSE), /v1/chat/events, the page at /chat
+
+    found.append(chat_router)
     return found
 
 
