@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import math
 import os
 import re
@@ -45,6 +46,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shoprec.config import ConfigError, Settings
+
+_log = logging.getLogger("shoprec.experiments")
 
 BUCKETS = 10_000
 ENDPOINTS = ("recommend", "search", "chat")
@@ -376,6 +379,7 @@ class ExperimentRegistry:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._file = ExperimentsFile()
+        self._broken = ""  # the last load error logged, so a broken file is logged once, not per request
 
     @classmethod
     def of(cls, experiments: Iterable[Experiment]) -> ExperimentRegistry:
@@ -384,6 +388,7 @@ class ExperimentRegistry:
         return reg
 
     def _current(self) -> ExperimentsFile:
+        """The file's experiments, re-read when it changed; a missing or invalid file raises ConfigError."""
         if self.path is None:
             return self._file
         try:
@@ -399,6 +404,21 @@ class ExperimentRegistry:
                 self._file = load(self.path)
                 self._stamp = stamp
             return self._file
+
+    def _serving(self) -> ExperimentsFile:
+        """What requests are assigned by: like `_current`, but a file broken while serving (a typo in a hand edit,
+        a deleted file) must not fail the shop's requests: the last good version keeps serving (before any good
+        version: no experiments, everyone gets the default) and the error is logged once per change. The admin
+        API and the CLI read `_current` and show the error."""
+        try:
+            return self._current()
+        except ConfigError as e:
+            with self._lock:
+                if str(e) != self._broken:
+                    self._broken = str(e)
+                    kept = f"serving its last good version ({len(self._file.experiment)} experiments)"
+                    _log.error("experiments: %s; %s until it is fixed", e, kept if self._stamp else "serving none")
+                return self._file
 
     def experiments(self) -> tuple[Experiment, ...]:
         return self._current().experiment
@@ -418,7 +438,7 @@ class ExperimentRegistry:
             return []
         when = now or datetime.now(UTC)
         out = []
-        for e in self.experiments():
+        for e in self._serving().experiment:
             if endpoint in e.endpoints and e.active(when) and e.in_experiment(unit_id):
                 v = e.variant_of(unit_id)
                 arm = Assignment(experiment=e.id, variant=v.name, overrides=v.overrides.as_dict(), unit_id=unit_id)

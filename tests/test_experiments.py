@@ -265,3 +265,24 @@ def test_report_reads_the_store_log_and_attributes_by_id_and_window(tmp_path: Pa
     assert clicks[arms["U1"]] >= 1 and sum(clicks.values()) == 1
     assert sum(r["arms"][a]["metrics"]["cart_rate"]["events"] for a in ("control", "terse")) == 1
     assert r["arms"][arms["U1"]]["guardrails"]["validity_rate"] == 1.0
+
+
+def test_a_file_broken_while_serving_keeps_the_last_good_version(tmp_path: Path, caplog: Any) -> None:
+    path = tmp_path / "experiments.toml"
+    path.write_text(dump([_exp()]))
+    reg = ExperimentRegistry(path)
+    before = reg.assign("U1", "recommend")
+    assert before is not None
+    path.write_text(dump([_exp()]).replace("traffic = 1.0", 'traffic = "lots"'))  # a typo in a hand edit
+    with caplog.at_level("ERROR", logger="shoprec.experiments"):
+        for _ in range(3):
+            assert reg.assign("U1", "recommend") == before  # the shop keeps being served
+    assert len([r for r in caplog.records if "last good version" in r.getMessage()]) == 1  # logged once
+    with pytest.raises(ConfigError, match="traffic"):  # what the admin API and the CLI show
+        reg.experiments()
+    path.unlink()
+    assert reg.assign("U1", "recommend") == before
+    fresh = ExperimentRegistry(path)  # a server started on a missing file serves no experiment, and says so
+    with caplog.at_level("ERROR", logger="shoprec.experiments"):
+        assert fresh.assign("U1", "recommend") is None
+    assert any("serving none" in r.getMessage() for r in caplog.records)
