@@ -77,6 +77,24 @@ def test_long_fields_are_capped_with_a_warning_in_the_ingest_summary(tmp_path):
     assert cuts.warnings("x") == []
 
 
+def test_web_pages_put_catalog_text_in_text_nodes_only():
+    """Every page shoprec serves shows catalog text through text nodes (textContent), never parsed as HTML: a title
+    "<img src=x onerror=...>" is shown as those characters. A new page using an HTML sink fails here."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "shoprec"
+    pages = [p for p in root.rglob("*") if p.suffix in {".js", ".html", ".j2", ".jinja"}]
+    sinks = re.compile(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\|\s*safe\b|Markup\(")
+    offenders = [
+        f"{p.relative_to(root)}:{n}: {line.strip()}"
+        for p in pages
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1)
+        if sinks.search(line)
+    ]
+    assert offenders == []
+
+
 # ---- special tokens, with the real SmolLM2 tokenizer ------------------------------------------------------------
 
 
