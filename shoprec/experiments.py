@@ -72,14 +72,16 @@ class Overrides(_Frozen):
     Names and bounds are those of `POST /v1/recommend`'s body, so a variant can only ask for what a caller could."""
 
     prompt: str | None = Field(default=None, description="Prompt template variant (a prompts/ file, e.g. rank_terse).")
-    adapter: str | None = Field(default=None, description="A LoRA adapter folder on top of the model.")
+    adapter: str | None = Field(
+        default=None, max_length=64, description="Name of an adapter the server serves (its `adapters` setting)."
+    )
     mode: Literal["retrieval", "score", "generate"] | None = Field(
         default=None, description="retrieval (no LLM) | score (one pass + reasons) | generate (full list)."
     )
     diversity: float | None = Field(default=None, ge=0, le=1, description="0 = pure relevance, 1 = most diverse.")
     method: Literal["none", "mmr", "dpp"] | None = Field(default=None, description="Diversity re-ranking method.")
-    max_per_category: int | None = Field(default=None, ge=1, description="Most picks from one category.")
-    min_categories: int | None = Field(default=None, ge=1, description="Distinct categories the picks must span.")
+    max_per_category: int | None = Field(default=None, ge=1, le=20, description="Most picks from one category.")
+    min_categories: int | None = Field(default=None, ge=1, le=20, description="Distinct categories the picks span.")
     llm_weight: float | None = Field(
         default=None, ge=0, le=1, description="Share of the LLM's score in the relevance blend (score mode)."
     )
