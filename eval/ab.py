@@ -25,6 +25,7 @@ import numpy as np
 
 from eval.config import EvalConfig, load_configs
 from eval.harness import evaluate
+from eval.metrics import bootstrap_ci
 from eval.prepare import prepare
 from eval.results import code_version, machine
 
@@ -43,17 +44,18 @@ def mde(diffs: np.ndarray, alpha: float = ALPHA, power: float = POWER) -> float:
 
 
 def paired_bootstrap_ci(diffs: np.ndarray, *, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile 95% CI of the mean paired difference, resampling users with replacement."""
-    if diffs.size == 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, diffs.size, size=(n_resamples, diffs.size))
-    lo, hi = np.quantile(diffs[idx].mean(axis=1), [ALPHA / 2, 1 - ALPHA / 2])
-    return (float(lo), float(hi))
+    """Percentile 95% CI of the mean paired difference, resampling users with replacement (their pairs kept
+    together: the differences are what is resampled); `eval.metrics.bootstrap_ci` does the resampling."""
+    _, lo, hi = bootstrap_ci(diffs, n_resamples=n_resamples, alpha=ALPHA, seed=seed)
+    return (lo, hi)
 
 
 def sign_flip_p(diffs: np.ndarray, *, n_resamples: int = 10_000, seed: int = 0) -> float:
-    """Two-sided paired permutation p-value by random sign flips of the differences (1.0 when all are 0)."""
+    """Two-sided paired permutation p-value by random sign flips of the differences (1.0 when all are 0).
+
+    Written here rather than scipy.stats.permutation_test: scipy's agrees within Monte-Carlo error
+    (tests/test_eval_ab.py) but took 23 s against 4.6 s per metric on 4,905 users (10,000 sign vectors, 2 cores).
+    """
     if diffs.size == 0 or not np.any(diffs):
         return 1.0
     rng = np.random.default_rng(seed)

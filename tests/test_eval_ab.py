@@ -78,3 +78,17 @@ def test_cli_prints_the_verdict_and_a_broken_llm_prompt_is_worse(tmp_path, shop_
     assert r.exit_code == 0, r.output
     assert "verdict: B worse on NDCG@10" in " ".join(r.output.split())
     assert json.loads(out.read_text())["comparisons"][0]["metric"] == "ndcg@10"
+
+
+def test_one_bootstrap_and_a_sign_flip_that_agrees_with_scipy():
+    """The paired CI is eval.metrics.bootstrap_ci on the differences; the hand-written sign flip (kept for speed)
+    matches scipy.stats.permutation_test's exact p (all 2^12 sign vectors) within Monte-Carlo error."""
+    from scipy.stats import permutation_test
+
+    from eval.ab import paired_bootstrap_ci
+    from eval.metrics import bootstrap_ci
+
+    d = np.random.default_rng(4).normal(0.3, 1.0, 12)
+    assert paired_bootstrap_ci(d, seed=2) == bootstrap_ci(d, n_resamples=2000, seed=2)[1:]
+    exact = permutation_test((d,), np.mean, permutation_type="samples", vectorized=True, n_resamples=10_000).pvalue
+    assert sign_flip_p(d, n_resamples=20_000) == pytest.approx(exact, abs=0.01)

@@ -129,3 +129,14 @@ def test_reason_groundedness_needs_a_confirmed_claim():
     assert not _grounded("Popular with other shoppers.")
     assert _grounded("Matches your search for a driver.", query="cordless driver")  # a query term the pick has
     assert not _grounded("Matches your search for a saw.", query="saw")  # the pick is no saw
+
+
+def test_bootstrap_ci_is_the_percentile_bootstrap_of_the_mean():
+    """scipy.stats.bootstrap (percentile) draws the same resamples as the hand-written version it replaced:
+    indices rng.integers(0, n, (R, n)), the alpha/2 and 1 - alpha/2 quantiles of the resampled means."""
+    v = np.random.default_rng(3).random(57)
+    idx = np.random.default_rng(7).integers(0, v.size, size=(1000, v.size))
+    lo, hi = np.quantile(v[idx].mean(axis=1), [0.025, 0.975])
+    m, blo, bhi = bootstrap_ci(v, seed=7)
+    assert m == pytest.approx(v.mean()) and blo == pytest.approx(lo, abs=1e-12) and bhi == pytest.approx(hi, abs=1e-12)
+    assert bootstrap_ci([0.4]) == (0.4, 0.4, 0.4) and bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0, 1.0)
