@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from finetune.data import Example, answer_token_ids
 from finetune.fusion import DEFAULT_GRID, MIN_GAIN_SE, ScoredCase, fit_llm_weight, metrics
 from generator.backends.base import TokenizerInfo, check_single_token_labels
 from generator.recommender import Prepared, Recommender
+from retrieval.persist import atomic_directory, recover_directory
 
 IGNORE = -100  # label of a position that carries no loss (prompt, padding)
 
@@ -404,6 +404,8 @@ def train(
     best_state: dict[str, Any] | None = None
     bad = 0
     state_file = checkpoint_dir / "state.json"
+    if resume:
+        recover_directory(checkpoint_dir)  # a run killed mid-save: finish or undo that checkpoint's swap
     if resume and state_file.is_file():
         state = json.loads(state_file.read_text())
         set_peft_model_state_dict(model, torch.load(checkpoint_dir / "adapter.pt", map_location=device))
@@ -434,17 +436,14 @@ def train(
     untuned = {**curve[0]}
 
     def save_checkpoint() -> None:
-        tmp = checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(get_peft_model_state_dict(model), tmp / "adapter.pt")
-        torch.save(optim.state_dict(), tmp / "optimizer.pt")
-        torch.save(sched.state_dict(), tmp / "scheduler.pt")
-        if best_state is not None:
-            torch.save(best_state, tmp / "best.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "curve": curve, "best": best, "bad": bad}))
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        tmp.rename(checkpoint_dir)
+        # swapped in whole (retrieval.persist.atomic_directory): a kill mid-save keeps the previous checkpoint
+        with atomic_directory(checkpoint_dir) as tmp:
+            torch.save(get_peft_model_state_dict(model), tmp / "adapter.pt")
+            torch.save(optim.state_dict(), tmp / "optimizer.pt")
+            torch.save(sched.state_dict(), tmp / "scheduler.pt")
+            if best_state is not None:
+                torch.save(best_state, tmp / "best.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "curve": curve, "best": best, "bad": bad}))
 
     model.train()
     bar = tqdm(total=total, initial=step, desc="finetune", unit="step", disable=not cfg.progress, dynamic_ncols=True)
