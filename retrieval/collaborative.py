@@ -35,6 +35,7 @@ from retrieval.persist import atomic_write, check_item_ids
 from retrieval.types import Interaction, RetrievalRequest
 
 _FILE = "itemknn.npz"
+_PRUNE_BLOCK = 1_000_000  # matrix entries sorted at once when pruning (bounds the sort's memory)
 
 
 @dataclass
@@ -256,10 +257,22 @@ def _prune(m: sp.csr_matrix, top_m: int) -> sp.csr_matrix:
     if counts.max(initial=0) <= top_m:
         m.sort_indices()
         return m
-    rows = np.repeat(np.arange(m.shape[0]), counts)
-    order = np.lexsort((m.indices, -m.data, rows))  # by row, then value descending, then column
-    rank = np.arange(m.nnz) - m.indptr[rows[order]]
-    keep = order[rank < top_m]
-    out = sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape)
+    # Rows are pruned a block at a time (~1M entries each): the sort's temporaries then stay ~50 MB however many
+    # pairs the data has (all at once they were ~250 MB at 1M events).
+    kept: list[np.ndarray] = []
+    start = 0
+    while start < m.shape[0]:
+        stop = int(np.searchsorted(m.indptr, m.indptr[start] + _PRUNE_BLOCK, side="right")) - 1
+        stop = min(max(stop, start + 1), m.shape[0])
+        lo = int(m.indptr[start])
+        rows = np.repeat(np.arange(start, stop), counts[start:stop])
+        data, cols = m.data[lo : m.indptr[stop]], m.indices[lo : m.indptr[stop]]
+        order = np.lexsort((cols, -data, rows))  # by row, then value descending, then column
+        rank = np.arange(len(rows)) - (m.indptr[rows[order]] - lo)
+        kept.append(lo + order[rank < top_m])
+        start = stop
+    keep = np.concatenate(kept)
+    rows = np.repeat(np.arange(m.shape[0]), counts)[keep]
+    out = sp.csr_matrix((m.data[keep], (rows, m.indices[keep])), shape=m.shape)
     out.sort_indices()
     return out
