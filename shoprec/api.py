@@ -430,7 +430,9 @@ def _first_message(e: Exception) -> str:
 
 def _describe_error(err: Mapping[str, Any]) -> dict[str, Any]:
     """One pydantic error -> {field, message}: the field path without the 'body' prefix, and the limit."""
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+    loc = [str(p) for p in err.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header"):  # where FastAPI found it, not part of the name
+        loc = loc[1:]
     name = ".".join(loc) or "body"
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
     got = err.get("input")

@@ -67,7 +67,10 @@ class _Job:
             else:
                 self.future.set_result(result)  # type: ignore[arg-type]
 
-        self.loop.call_soon_threadsafe(_set)
+        try:
+            self.loop.call_soon_threadsafe(_set)
+        except RuntimeError:  # the caller's event loop is closed (shutdown): nobody is waiting any more
+            pass
 
 
 class Batcher:

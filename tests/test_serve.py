@@ -1,0 +1,151 @@
+"""Unit tests of the serving logic without a server: the micro-batcher's grouping, bounds and deadlines, the rate
+limiter, scopes, and the 422 messages. A scripted `run_batch` stands in for the model (the real model is driven
+over HTTP in tests/test_api.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Hashable, Sequence
+
+import pytest
+
+from generator.recommender import GeneratorConfig
+from generator.types import Pick, Recommendation
+from retrieval.types import RetrievalRequest
+from shoprec.auth import LOCAL_DEV, Principal, TokenBucket, validate_scopes
+from shoprec.serving import Batcher, BudgetExceeded, Overloaded
+
+
+class ScriptedModel:
+    """Records every batch it is given; answers after `delay_s`; fails on a request whose user is 'boom'."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.batches: list[tuple[Hashable, list[str], float]] = []
+        self.lock = threading.Lock()
+
+    def __call__(
+        self, key: Hashable, requests: Sequence[RetrievalRequest], cfg: GeneratorConfig
+    ) -> list[Recommendation]:
+        with self.lock:
+            self.batches.append((key, [str(r.user_id) for r in requests], cfg.timeout_s))
+        time.sleep(self.delay_s)
+        if any(r.user_id == "boom" for r in requests):
+            raise ValueError("boom")
+        return [
+            Recommendation(
+                picks=(Pick(item_id=str(r.user_id), rank=1, reason="r", category="c", score=1.0),), mode="score"
+            )
+            for r in requests
+        ]
+
+
+def run(batcher: Batcher, users: Sequence[str], *, key: Hashable = "k", budget_s: float = 5.0) -> list[object]:
+    async def go() -> list[object]:
+        cfg = GeneratorConfig()
+        jobs = [batcher.submit(RetrievalRequest(user_id=u), cfg, key=key, budget_s=budget_s) for u in users]
+        return list(await asyncio.gather(*jobs, return_exceptions=True))
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def model() -> ScriptedModel:
+    return ScriptedModel()
+
+
+def test_concurrent_requests_become_one_batch_and_each_gets_its_own_answer(model: ScriptedModel) -> None:
+    b = Batcher(model, max_queue=64, max_batch=16, wait_s=0.05)
+    b.start()
+    try:
+        out = run(b, [f"u{i}" for i in range(10)])
+    finally:
+        b.stop()
+    assert [r.picks[0].item_id for r in out] == [f"u{i}" for i in range(10)]  # type: ignore[attr-defined]
+    assert len(model.batches) == 1 and len(model.batches[0][1]) == 10
+
+
+def test_batches_hold_one_key_and_at_most_max_batch(model: ScriptedModel) -> None:
+    b = Batcher(model, max_queue=64, max_batch=4, wait_s=0.05)
+    b.start()
+
+    async def go() -> None:
+        cfg = GeneratorConfig()
+        jobs = [
+            b.submit(RetrievalRequest(user_id=f"u{i}"), cfg, key=("score" if i % 2 else "generate"), budget_s=5)
+            for i in range(12)
+        ]
+        await asyncio.gather(*jobs)
+
+    try:
+        asyncio.run(go())
+    finally:
+        b.stop()
+    assert all(len(users) <= 4 for _, users, _ in model.batches)
+    for key, users, _ in model.batches:
+        assert all((int(u[1:]) % 2 == 1) == (key == "score") for u in users)
+    assert sum(len(users) for _, users, _ in model.batches) == 12
+
+
+def test_a_full_queue_raises_overloaded_at_once() -> None:
+    slow = ScriptedModel(delay_s=0.5)
+    b = Batcher(slow, max_queue=2, max_batch=1, wait_s=0.0)
+    b.start()
+    try:
+        t0 = time.monotonic()
+        out = run(b, [f"u{i}" for i in range(6)])
+        took = time.monotonic() - t0
+    finally:
+        b.stop()
+    overloaded = [r for r in out if isinstance(r, Overloaded)]
+    assert overloaded and all(r.retry_after_s >= 1.0 for r in overloaded)
+    assert any(isinstance(r, Recommendation) for r in out)
+    assert took < 3.0  # nobody waited for the whole queue to drain
+
+
+def test_the_budget_bounds_the_wait_and_the_model_gets_the_time_left() -> None:
+    slow = ScriptedModel(delay_s=1.0)
+    b = Batcher(slow, max_queue=8, max_batch=1, wait_s=0.0)
+    b.start()
+    try:
+        t0 = time.monotonic()
+        out = run(b, ["first", "second"], budget_s=0.6)
+        took = time.monotonic() - t0
+    finally:
+        b.stop()
+    assert all(isinstance(r, BudgetExceeded) for r in out)
+    assert took < 0.9  # the caller stops waiting at its deadline, whatever the worker does
+    assert slow.batches[0][2] <= 0.6  # the model call was given the budget as its timeout
+
+
+def test_one_failing_request_does_not_fail_its_batch(model: ScriptedModel) -> None:
+    b = Batcher(model, max_queue=8, max_batch=8, wait_s=0.05)
+    b.start()
+    try:
+        out = run(b, ["a", "boom", "c"])
+    finally:
+        b.stop()
+    assert isinstance(out[1], ValueError)
+    assert [r.picks[0].item_id for r in (out[0], out[2])] == ["a", "c"]  # type: ignore[attr-defined]
+
+
+def test_token_bucket_allows_the_burst_then_says_when_to_retry() -> None:
+    now = [0.0]
+    bucket = TokenBucket(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [bucket.take("k") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take("k") == pytest.approx(0.5)
+    assert bucket.take("other") == 0.0  # per key
+    now[0] = 0.5
+    assert bucket.take("k") == 0.0
+
+
+def test_scopes_imply_the_lesser_ones_and_unknown_ones_are_named() -> None:
+    admin = Principal(id="1", name="a", scopes=frozenset({"admin"}))
+    read = Principal(id="2", name="r", scopes=frozenset({"read"}))
+    assert admin.allows("read") and admin.allows("write") and admin.allows("admin")
+    assert read.allows("read") and not read.allows("write")
+    assert LOCAL_DEV.allows("admin")
+    with pytest.raises(ValueError, match="unknown scope.*root.*valid scopes: read, write, admin"):
+        validate_scopes(["read", "root"])
