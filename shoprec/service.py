@@ -6,6 +6,7 @@ is a request error naming the field, not a silent drop), and asks the fused retr
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -21,12 +22,20 @@ class RequestError(ValueError):
     """A request field is invalid: the message names the field and the fix."""
 
 
+_category_paths: weakref.WeakKeyDictionary[Catalog, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
 def check_categories(catalog: Catalog, categories: Sequence[str]) -> None:
     """RequestError for a category filter that no catalog category path starts with (it would silently match
     nothing), naming the close matches by spelling (difflib) or else the top-level categories."""
     import difflib
 
-    paths = {" > ".join(it.category[:n]) for it in catalog.items for n in range(1, len(it.category) + 1)}
+    if not categories:
+        return
+    paths = _category_paths.get(catalog)
+    if paths is None:  # once per catalog: a live catalog is a new object after each change
+        paths = frozenset(" > ".join(it.category[:n]) for it in catalog.items for n in range(1, len(it.category) + 1))
+        _category_paths[catalog] = paths
     for wanted in categories:
         if wanted in paths:
             continue
