@@ -435,10 +435,12 @@ class Recommender:
         prompts: list[str] = []
         controllers: list[ReasonController] = []
         for r, (p, idx) in enumerate(zip(prepared, chosen, strict=True)):
-            leads: list[str] = []  # each earlier pick's strongest sentence: later picks say something else if true
+            # The rows are decoded in parallel, so a later pick cannot see what an earlier one said: it avoids every
+            # sentence an earlier pick may say, while another true sentence of its own remains.
+            offered: list[str] = []
             for line, i in enumerate(idx, start=1):
-                choices = self.reason_choices(p, i, avoid=leads) if p.config.grounded_reasons else None
-                leads.extend(choices[:1] if choices else ())
+                choices = self.reason_choices(p, i, avoid=offered) if p.config.grounded_reasons else None
+                offered.extend(choices or ())
                 prompt, ctrl = self.reason_prompt(p, i, line, choices=choices)
                 owners.append(r)
                 prompts.append(prompt)

@@ -138,3 +138,22 @@ def test_reasons_of_one_list_differ(shop):
     for request in requests:
         reasons = [p.reason for p in rec.recommend(request, GeneratorConfig(k=5)).picks]
         assert len(set(reasons)) == len(reasons), reasons
+
+
+def test_score_mode_rows_avoid_what_earlier_picks_may_say(shop):
+    """Score mode decodes each pick's reason in its own row, in parallel: a later row is offered no sentence an
+    earlier row may write while it has another true one (these 16 lists: 7 repeated a reason before, 1 now)."""
+    from generator.backends import make_backend
+
+    catalog, hist, retriever = shop
+    rec = Recommender(retriever, catalog, make_backend("fake", seed=2))
+    requests = [RetrievalRequest(user_id="new")] + [
+        RetrievalRequest(user_id=u, history=tuple(e.item_id for e in hist[u])) for u in sorted(hist)[:15]
+    ]
+    repeated = 0
+    for request in requests:
+        out = rec.recommend(request, GeneratorConfig(k=5, max_reason_tokens=64))
+        assert not out.fallback, out.fallback_reason
+        reasons = [p.reason for p in out.picks]
+        repeated += len(set(reasons)) < len(reasons)
+    assert repeated <= 2, repeated
