@@ -41,6 +41,7 @@ def prepared(shop_dir, configs):
     return prepare(str(shop_dir), cfgs, users=24, seed=0), cfgs
 
 
+@pytest.mark.slow  # two whole evaluations, ~12 s on 2 cores
 def test_same_seed_gives_identical_metrics(shop_dir, configs):
     a = run(str(shop_dir), [configs["fusion"], configs["llm"]], users=20, seed=0)
     b = run(str(shop_dir), [configs["fusion"], configs["llm"]], users=20, seed=0)
