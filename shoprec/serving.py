@@ -16,6 +16,7 @@ Bounds, so that nothing hangs and nothing queues forever:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -67,10 +68,8 @@ class _Job:
             else:
                 self.future.set_result(result)  # type: ignore[arg-type]
 
-        try:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed (shutdown): nobody is waiting
             self.loop.call_soon_threadsafe(_set)
-        except RuntimeError:  # the caller's event loop is closed (shutdown): nobody is waiting any more
-            pass
 
 
 class Batcher:

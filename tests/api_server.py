@@ -44,6 +44,12 @@ def build_home(home: Path, shop: Any, store: str | None = None) -> None:
     svc.store.close()
 
 
+def copy_home(template: Path, dst_home: Path) -> Path:
+    """A private copy of a built home (store + index): each server writes only to its own."""
+    shutil.copytree(template, dst_home, ignore=shutil.ignore_patterns("serve-*"))
+    return dst_home
+
+
 def copy_index(src_home: Path, dst_home: Path) -> None:
     """Reuse a built index for another store holding the same catalog (saves the embedding time)."""
     shutil.copytree(src_home / "index", dst_home / "index")

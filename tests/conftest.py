@@ -55,12 +55,10 @@ def pg_server():
 
 
 @pytest.fixture(scope="session")
-def pg_server():
-    """A real PostgreSQL server started for this test session (tests/pg.py); skips when no server binaries exist."""
-    from tests.pg import find_bin_dir, running_server
+def api_shop_home(tmp_path_factory) -> Path:
+    """A tiny shop's home (SQLite store + built index, tests/api_server.py) built once; copy it before writing."""
+    from tests.api_server import build_home, tiny_shop
 
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries not found (Debian's postgresql package: `make sysdeps`)")
-    with running_server(bin_dir) as server:
-        yield server
+    home = tmp_path_factory.mktemp("api-template") / "home"
+    build_home(home, tiny_shop())
+    return home

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api_server import SHOPREC, Server, build_home, tiny_shop
+from tests.api_server import SHOPREC, Server, copy_home, tiny_shop
 
 pytestmark = pytest.mark.slow  # builds an index and starts a server with the model (~30-60 s for the module)
 
@@ -29,10 +29,8 @@ def shop() -> Any:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory, shop: Any) -> Path:
-    h = tmp_path_factory.mktemp("api") / "home"
-    build_home(h, shop)
-    return h
+def home(tmp_path_factory: pytest.TempPathFactory, api_shop_home: Path) -> Path:
+    return copy_home(api_shop_home, tmp_path_factory.mktemp("api") / "home")
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +177,9 @@ def test_an_event_changes_the_next_recommendation(server: Server, admin: dict[st
     before = picks(post(server, "/v1/recommend", body, admin))
     # replay an existing shopper's latest items as this new user's purchases
     donor = [ev.item_id for ev in shop.interactions if ev.user_id == "U0057"][-4:]
-    events = [{"user_id": user, "item_id": i, "type": "purchase", "event_id": f"{user}-{n}"} for n, i in enumerate(donor)]
+    events = [
+        {"user_id": user, "item_id": i, "type": "purchase", "event_id": f"{user}-{n}"} for n, i in enumerate(donor)
+    ]
     r = post(server, "/v1/events", {"events": events}, admin)
     assert r.status_code == 200 and r.json() == {"accepted": 4, "new": 4, "duplicates": 0}
     after_resp = post(server, "/v1/recommend", body, admin)
