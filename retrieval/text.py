@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 # Longest value kept per field, in characters. Set above what real catalogs use (Amazon Office 2014: longest
-# title 427, brand 29, category level 40; description 99th percentile 7,416), so only outliers are cut.
+# title 427, brand 29, category level 39; description 99th percentile 7,416), so only outliers are cut.
 CAPS: dict[str, int] = {
     "title": 500,
     "brand": 100,
