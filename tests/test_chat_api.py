@@ -19,7 +19,6 @@ def client(tmp_path_factory, small_shop):
     from fastapi.testclient import TestClient
 
     from shoprec.api import create_app
-    from shoprec.chat.api import router
     from shoprec.service import Shoprec
 
     home = tmp_path_factory.mktemp("chathome")
@@ -28,7 +27,7 @@ def client(tmp_path_factory, small_shop):
     core.store.ingest(small_shop.items, small_shop.interactions)
     core.build_index(log=lambda _m: None)
     _, secret = core.store.create_key("chat-test", ["read"])
-    app = create_app(settings, routers=[router])
+    app = create_app(settings)  # serve includes the chat router
     with TestClient(app) as c:
         c.headers["Authorization"] = f"Bearer {secret}"
         c.shoprec_core = core  # type: ignore[attr-defined]

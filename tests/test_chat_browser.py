@@ -89,7 +89,6 @@ def drive(base_url: str, first: str, screenshot: Path | None = None, timeout_ms:
 
 def test_shopper_session_in_chromium(tmp_path_factory, small_shop):
     from shoprec.api import create_app
-    from shoprec.chat.api import router
     from shoprec.config import Settings
     from shoprec.service import Shoprec
 
@@ -100,7 +99,7 @@ def test_shopper_session_in_chromium(tmp_path_factory, small_shop):
     items = [small_shop.items[0].model_copy(update={"title": "<img src=x onerror=alert(1)> Evil Lamp"})]
     core.store.ingest([*items, *small_shop.items[1:]], small_shop.interactions)
     core.build_index(log=lambda _m: None)
-    base, server = serve(create_app(settings, routers=[router]))
+    base, server = serve(create_app(settings))  # create_app includes the chat router
     try:
         dept = small_shop.items[0].category[0]
         seen = drive(base, f"{dept} under 1000")
