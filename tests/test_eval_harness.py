@@ -203,7 +203,9 @@ def test_cold_item_split_and_new_item_places(shop_dir, configs):
 
     def reached(share: float) -> int:
         fusion = fusion_for(prep, tuple(CHEAP), share)
-        return sum(c.target in {x.item_id for x in fusion.retrieve(case_request(c), 20)} for c in prep.cases)
+        # top 10, not 20: on this 12-case shop the field-deduplicated BM25 alone puts every cold target in the
+        # top 20 (a ceiling where no share can help); at 10 the plain fusion reaches 7 and a 0.25 share 10
+        return sum(c.target in {x.item_id for x in fusion.retrieve(case_request(c), 10)} for c in prep.cases)
 
     assert reached(0.25) > reached(0.0)
     result = evaluate(prep, [plain, fresh, cfgs[1]])
