@@ -30,10 +30,18 @@ def test_every_cli_command_in_the_readme_exists_with_its_flags():
         if "shoprec " in ln and ln.lstrip().startswith((".venv/bin/shoprec", "shoprec"))
     ]
     assert lines, "README shows no shoprec commands"
+    top = runner.invoke(app, ["--help"]).output
     for line in lines:
         cmd = line.split("#")[0].split("shoprec", 1)[1].split()
-        sub = cmd[0]
-        r = runner.invoke(app, [sub, "--help"])
+        while cmd and cmd[0].startswith("--"):  # global options come first, each with its value
+            assert cmd[0] in top, f"README uses unknown global option {cmd[0]} in: {line}"
+            cmd = cmd[2:]
+        path = [cmd[0]]
+        if len(cmd) > 1 and not cmd[1].startswith("-"):  # a command group's subcommand (`ab report`, `keys create`)
+            sub = runner.invoke(app, [cmd[0], cmd[1], "--help"])
+            if sub.exit_code == 0:
+                path.append(cmd[1])
+        r = runner.invoke(app, [*path, "--help"])
         assert r.exit_code == 0, f"README uses unknown command: {line}"
-        for flag in (t for t in cmd if t.startswith("--")):
+        for flag in (t.split("=")[0] for t in cmd if t.startswith("--")):
             assert flag in r.output, f"README uses unknown flag {flag} in: {line}"
