@@ -212,7 +212,6 @@ class SequentialRetriever(ScoringRetriever):
 
     def _train(self, seqs: list[list[int]], cases: list[tuple[list[int], int]]) -> None:
         import torch
-        import torch.nn.functional as F
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         from tqdm.auto import tqdm
 
@@ -240,14 +239,12 @@ class SequentialRetriever(ScoringRetriever):
                 y = torch.from_numpy(train_y[idx, -width:])
                 keep = y > 0
                 h = model(x)[keep]  # only real positions: padding costs no softmax
-                logits = h @ model.item_emb.weight[1:].T
-                loss = F.cross_entropy(logits, y[keep] - 1)
                 optim.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = _softmax_loss_backward(h, model.item_emb.weight, y[keep] - 1)
                 optim.step()
                 if ema is not None:
                     ema.update_parameters(model)
-                total += loss.item() * int(keep.sum())
+                total += loss * int(keep.sum())
                 count += int(keep.sum())
             entry = {"epoch": float(epoch), "loss": total / max(count, 1)}
             current = ema.module if ema is not None else model
@@ -363,6 +360,38 @@ class SequentialRetriever(ScoringRetriever):
         model.eval()
         retriever._model = model
         return retriever
+
+
+# Positions whose full-softmax logits exist at once in training: 1,024 x 2,400 items is ~10 MB per copy, where a
+# whole batch (128 windows x 50 positions) was ~60 MB per copy and ~5 copies live during its backward pass.
+_LOSS_CHUNK = 1024
+
+
+def _softmax_loss_backward(h: torch.Tensor, item_emb: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean full-softmax cross-entropy of the positions' hidden states `h` against `target` (catalog rows), with
+    its gradients accumulated into the model; returns the loss.
+
+    The same loss and gradients as one `F.cross_entropy(h @ item_emb[1:].T, target)`, computed a chunk of
+    positions at a time: each chunk's logits are back-propagated into `item_emb` and into a detached copy of `h`,
+    and `h`'s accumulated gradient then flows through the transformer once. Only a chunk's logits and softmax
+    exist at a time, which bounds training memory at large catalogs and batches.
+    """
+    import torch.nn.functional as F
+
+    n = len(target)
+    if n <= _LOSS_CHUNK:
+        loss = F.cross_entropy(h @ item_emb[1:].T, target)
+        loss.backward()
+        return float(loss.item())
+    leaf = h.detach().requires_grad_()
+    total = 0.0
+    for start in range(0, n, _LOSS_CHUNK):
+        part = slice(start, start + _LOSS_CHUNK)
+        loss = F.cross_entropy(leaf[part] @ item_emb[1:].T, target[part], reduction="sum") / n
+        loss.backward()
+        total += float(loss.item())
+    h.backward(leaf.grad)
+    return total
 
 
 def _training_windows(seqs: list[list[int]], max_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:

@@ -174,3 +174,27 @@ def test_item_knn_pruning_in_blocks_keeps_the_same_neighbours(monkeypatch: pytes
         blocks = collaborative._prune(m.copy(), top)
         monkeypatch.undo()
         assert whole.nnz == blocks.nnz and (whole != blocks).nnz == 0
+
+
+def test_sasrec_loss_in_chunks_has_the_same_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training SASRec a chunk of positions at a time (bounded memory at 1M events) gives the loss and gradients
+    of one full-softmax cross-entropy over the whole batch."""
+    import torch
+    import torch.nn.functional as F
+
+    import retrieval.sequential as sequential
+
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(8, 8)
+    emb = torch.nn.Parameter(torch.randn(31, 8))
+    x, target = torch.randn(50, 8), torch.randint(0, 30, (50,))
+
+    F.cross_entropy(enc(x) @ emb[1:].T, target).backward()
+    expected = (enc.weight.grad.clone(), emb.grad.clone())
+    enc.zero_grad()
+    emb.grad = None
+    monkeypatch.setattr(sequential, "_LOSS_CHUNK", 7)
+    loss = sequential._softmax_loss_backward(enc(x), emb, target)
+    assert loss == pytest.approx(float(F.cross_entropy(enc(x) @ emb[1:].T, target)), rel=1e-5)
+    torch.testing.assert_close(enc.weight.grad, expected[0])
+    torch.testing.assert_close(emb.grad, expected[1])
