@@ -212,6 +212,7 @@ def _engine(path: str, dtype: str, max_model_len: int, max_loras: int, max_lora_
                 max_loras=max(1, max_loras),
                 max_lora_rank=max_lora_rank,
                 logits_processors=[ShoprecLogitsProcessor],
+                disable_log_stats=False,  # keeps the Prometheus counters `prefix_cache_stats` reads
             )
             _ENGINES[key] = _Driver(llm)
         return _ENGINES[key]
@@ -279,6 +280,15 @@ class VLLMBackend:
     @property
     def prefix_caching(self) -> bool:
         return True
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """The engine's prefix-cache counters since it started: tokens looked up ('queries') and found ('hits')."""
+        out = {"queries": 0, "hits": 0}
+        for metric in self._driver.llm.get_metrics():
+            for key in out:
+                if metric.name == f"vllm:prefix_cache_{key}":
+                    out[key] += int(getattr(metric, "value", 0))
+        return out
 
     def label_logprobs(self, prompts: Sequence[str], labels: Sequence[Sequence[str]]) -> list[npt.NDArray[np.float64]]:
         from vllm import SamplingParams
