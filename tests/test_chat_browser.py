@@ -3,6 +3,7 @@ type a request, see cards, refine ("cheaper"), see the prices drop, click a card
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import threading
@@ -48,8 +49,9 @@ def serve(app) -> tuple[str, object]:
     return f"http://127.0.0.1:{port}", server
 
 
-def drive(base_url: str, first: str, screenshot: Path | None = None, timeout_ms: int = 60_000) -> dict:
-    """The shopper's session in the page; returns what it saw (prices per answer, the click's status line)."""
+def drive(base_url: str, turns: list[str], screenshot: Path | None = None, timeout_ms: int = 60_000) -> dict:
+    """The shopper's session in the page: `turns` typed in order (the second must be "cheaper"), then a "why
+    this?" and a click on the first card of the "cheaper" answer. Returns what the shopper saw."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -58,33 +60,36 @@ def drive(base_url: str, first: str, screenshot: Path | None = None, timeout_ms:
         dialogs: list[str] = []  # a script injected through catalog text would open one
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         page.goto(base_url + "/chat")
-
-        def ask(text: str, n: int) -> list[float]:
+        prices, kinds = [], []
+        for n, text in enumerate(turns, start=1):
             page.fill("#message", text)
             page.click("#ask button")
             page.wait_for_selector(f".msg.bot.answer:nth-of-type({2 * n}).done", timeout=timeout_ms)
             answer = page.locator(".msg.bot.answer").nth(n - 1)
-            prices = [float(p) for p in answer.locator(".card").evaluate_all("cs => cs.map(c => c.dataset.price)")]
-            return prices
-
-        first_prices = ask(first, 1)
-        cheaper_prices = ask("cheaper", 2)
-        last = page.locator(".msg.bot.answer").nth(1)
-        last.locator(".card .why-btn").first.click()
-        reason_visible = last.locator(".card.why .reason").first.is_visible()
-        last.locator(".card").first.click()
+            shown = answer.locator(".card").evaluate_all("cs => cs.map(c => c.dataset.price)")
+            prices.append([float(p) for p in shown if p])
+            kinds.append(answer.get_attribute("data-kind"))
+        cheaper = page.locator(".msg.bot.answer").nth(1)
+        cheaper.locator(".card .why-btn").first.click()
+        reason_visible = cheaper.locator(".card.why .reason").first.is_visible()
+        cheaper.locator(".card").first.click()
         page.wait_for_function("document.getElementById('status').textContent.includes('stored')", timeout=timeout_ms)
         status = page.text_content("#status") or ""
+        state = page.input_value("#state")
         if screenshot is not None:
             page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
     return {
-        "first": first_prices,
-        "cheaper": cheaper_prices,
+        "prices": prices,
+        "kinds": kinds,
         "status": status,
         "reason_visible": reason_visible,
         "dialogs": dialogs,
+        "state": state,
     }
+
+
+TURNS = ["{first}", "cheaper", "not that brand", "more like the second one"]
 
 
 def test_shopper_session_in_chromium(tmp_path_factory, small_shop):
@@ -102,11 +107,14 @@ def test_shopper_session_in_chromium(tmp_path_factory, small_shop):
     base, server = serve(create_app(settings))  # create_app includes the chat router
     try:
         dept = small_shop.items[0].category[0]
-        seen = drive(base, f"{dept} under 1000")
+        seen = drive(base, [t.format(first=f"{dept} under 1000") for t in TURNS])
     finally:
         server.should_exit = True  # type: ignore[attr-defined]
-    assert seen["first"] and seen["cheaper"]
-    assert max(seen["cheaper"]) < max(seen["first"])
+    first, cheaper = seen["prices"][:2]
+    assert first and cheaper and max(cheaper) < max(first)
+    assert seen["kinds"][:2] == ["picks", "picks"] and len(seen["kinds"]) == 4
+    state = json.loads(seen["state"])  # the state panel after the 4th turn
+    assert state["turns"] == 4 and state["excluded_brands"]
     assert "stored" in seen["status"] and seen["reason_visible"] and seen["dialogs"] == []
     rec_id = seen["status"].split("recommendation ")[1].rstrip(")")
     stored = core.store.events_for_recommendations([rec_id])

@@ -323,7 +323,7 @@ class ChatEngine:
             raise ConstraintViolation("; ".join(violated))
         return ChatAnswer(
             kind="picks",
-            text=_picks_text(state, len(cards)),
+            text=_picks_text(state, len(cards), self.catalog),
             state=state,
             cards=cards,
             recommendation_id=rec_id,
@@ -337,8 +337,8 @@ def _money(x: float) -> str:
     return f"${x:,.2f}".replace(".00", "")
 
 
-def describe(state: ChatState) -> str:
-    """The state in words: 'Headphones, under $50, not Sony'."""
+def describe(state: ChatState, catalog: Catalog | None = None) -> str:
+    """The state in words: 'Headphones, under $50, not Sony' (+ 'like <item>' for a reference, given the catalog)."""
     parts = []
     if state.wanted:
         parts.append(f'"{state.wanted}"')
@@ -356,11 +356,15 @@ def describe(state: ChatState) -> str:
         parts.append("not " + ", ".join(state.excluded_brands))
     if state.attributes:
         parts.append(", ".join(state.attributes.values()))
+    if catalog is not None:
+        titles = [catalog[i].title.split(",")[0] for i in state.reference_items if i in catalog]
+        if titles:
+            parts.append("like " + " and ".join(titles))
     return ", ".join(parts)
 
 
-def _picks_text(state: ChatState, n: int) -> str:
-    what = describe(state)
+def _picks_text(state: ChatState, n: int, catalog: Catalog | None = None) -> str:
+    what = describe(state, catalog)
     return f"Here {'is' if n == 1 else 'are'} {n} pick{'' if n == 1 else 's'}" + (f" for {what}." if what else ".")
 
 
