@@ -7,7 +7,8 @@ decodes them together, so 16 concurrent shoppers cost far less than 16 sequentia
 
 Bounds, so that nothing hangs and nothing queues forever:
 - the queue holds at most `max_queue` requests; one more raises `Overloaded` at once (the caller answers with the
-  retrieval fallback or 503 + Retry-After);
+  retrieval fallback or 503 + Retry-After); so does a request that could not be answered within its budget given
+  the work queued ahead of it (batch times are measured), instead of waiting out its whole budget;
 - every request carries a deadline; the model call of a batch gets the time left to its most urgent request as its
   `timeout_s` (the recommender then falls back by itself), a request whose deadline passed while queued is dropped
   with `BudgetExceeded`, and the caller stops waiting at the deadline whatever the worker is doing.
@@ -38,8 +39,8 @@ _MIN_MODEL_S = 0.05
 class Overloaded(Exception):
     """The LLM queue is full; `retry_after_s` estimates when a slot frees up."""
 
-    def __init__(self, depth: int, retry_after_s: float) -> None:
-        super().__init__(f"the model queue is full ({depth} requests waiting)")
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
         self.retry_after_s = retry_after_s
 
 
@@ -97,7 +98,10 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._last_batch_s = 1.0  # the latest batch's wall time: what Retry-After estimates from
+        # Recent batches' wall time (moving average; None until the first batch): what admission and Retry-After
+        # estimate from. `_busy_since`: when the running batch started (None while idle).
+        self._batch_s: float | None = None
+        self._busy_since: float | None = None
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -122,10 +126,17 @@ class Batcher:
         loop = asyncio.get_running_loop()
         job = _Job(request, config, key, time.monotonic() + budget_s, loop, loop.create_future())
         with self._cond:
-            if len(self._pending) >= self.max_queue:
-                # batches drain max_batch requests per batch time: the queue ahead clears in about this long
-                waves = len(self._pending) / max(self.max_batch, 1)
-                raise Overloaded(len(self._pending), max(1.0, waves * self._last_batch_s))
+            depth = len(self._pending)
+            expected = self.expected_wait_s(depth)
+            if depth >= self.max_queue:
+                raise Overloaded(f"the model queue is full ({depth} requests waiting)", max(1.0, expected))
+            if expected > budget_s:
+                # admission control: a request that cannot be answered within its budget does not queue, so the
+                # caller's fallback is immediate instead of after the whole budget
+                raise Overloaded(
+                    f"the model is busy (about {expected:.1f} s of work queued, budget {budget_s:.1f} s)",
+                    max(1.0, expected - budget_s),
+                )
             self._pending.append(job)
             self._on_depth(len(self._pending))
             self._cond.notify()
@@ -133,6 +144,17 @@ class Batcher:
             return await asyncio.wait_for(job.future, timeout=budget_s)
         except TimeoutError:
             raise BudgetExceeded(f"no model answer within the {budget_s:g} s budget") from None
+
+    def expected_wait_s(self, depth: int) -> float:
+        """Seconds until a request queued behind `depth` others would have its answer: what is left of the
+        running batch plus one batch time per `max_batch` requests ahead and its own. 0 while nothing is known."""
+        if self._batch_s is None:
+            return 0.0  # no batch has run yet: admit, and learn
+        busy_left = 0.0
+        if self._busy_since is not None:
+            busy_left = max(0.0, self._batch_s - (time.monotonic() - self._busy_since))
+        waves = depth // max(self.max_batch, 1) + 1
+        return busy_left + waves * self._batch_s
 
     # ---------------------------------------------------------------- the worker
     def _work(self) -> None:
@@ -183,6 +205,7 @@ class Batcher:
         if not batch:
             return
         t0 = time.monotonic()
+        self._busy_since = t0
         # the model may use the time left to the batch's most urgent request; the recommender falls back by itself
         timeout = max(_MIN_MODEL_S, min(job.deadline for job in batch) - t0)
         cfg = batch[0].config.model_copy(update={"timeout_s": timeout})
@@ -205,5 +228,7 @@ class Batcher:
             else:
                 job.settle(result)
         seconds = time.monotonic() - t0
-        self._last_batch_s = seconds
+        self._busy_since = None
+        # a moving average, so that one slow batch (a long prompt, a busy box) does not shut the model off
+        self._batch_s = seconds if self._batch_s is None else 0.7 * self._batch_s + 0.3 * seconds
         self._on_batch(len(batch), seconds)

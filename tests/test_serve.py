@@ -120,6 +120,23 @@ def test_the_budget_bounds_the_wait_and_the_model_gets_the_time_left() -> None:
     assert slow.batches[0][2] <= 0.6  # the model call was given the budget as its timeout
 
 
+def test_a_request_that_cannot_make_its_budget_is_refused_at_once() -> None:
+    slow = ScriptedModel(delay_s=0.5)
+    b = Batcher(slow, max_queue=8, max_batch=1, wait_s=0.0)
+    b.start()
+    try:
+        run(b, ["learn"])  # the first batch teaches the batcher how long a batch takes
+        t0 = time.monotonic()
+        out = run(b, ["a", "b", "c"], budget_s=0.8)  # one fits (0.5 s), the ones behind it cannot
+        took = time.monotonic() - t0
+    finally:
+        b.stop()
+    assert isinstance(out[0], Recommendation)
+    assert all(isinstance(r, Overloaded) and "busy" in str(r) for r in out[1:])
+    assert took < 0.8
+    assert len(slow.batches) == 2  # the refused ones cost the model nothing
+
+
 def test_one_failing_request_does_not_fail_its_batch(model: ScriptedModel) -> None:
     b = Batcher(model, max_queue=8, max_batch=8, wait_s=0.05)
     b.start()

@@ -235,6 +235,7 @@ def main() -> None:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "shared_box": "yes: other work may run at the same time; see loadavg per level",
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (torch picks)"),
             "note": args.note,
         },
         "shop": {"home": str(args.home), **counts},
