@@ -143,7 +143,7 @@ class Batcher:
         try:
             return await asyncio.wait_for(job.future, timeout=budget_s)
         except TimeoutError:
-            raise BudgetExceeded(f"no model answer within the {budget_s:g} s budget") from None
+            raise BudgetExceeded(f"no model answer within the {budget_s:.1f} s budget") from None
 
     def expected_wait_s(self, depth: int) -> float:
         """Seconds until a request queued behind `depth` others would have its answer: what is left of the
