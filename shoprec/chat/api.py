@@ -16,6 +16,7 @@ click or an add-to-cart (`/v1/chat/events`): only items the conversation was sho
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -130,13 +131,38 @@ def _chat_parts(request: Request) -> tuple[ChatEngine, Conversations, Any]:
         app_state.chat_conversations = Conversations()
         app_state.chat_lock = threading.Lock()
     with app_state.chat_lock:
-        rec = state.recommender(None, use_llm=True)
+        adapter = state.adapter_path(None)  # the served adapter: the same recommender (and model) as /v1/recommend
+        rec = state.recommender(adapter, use_llm=True)
         engine: ChatEngine | None = getattr(app_state, "chat_engine", None)
         if engine is None or engine.catalog is not state.catalog:
             store = state.store
-            engine = ChatEngine(state.catalog, rec, history=lambda u: [e.item_id for e in store.history(u, limit=200)])
+            engine = ChatEngine(
+                state.catalog,
+                rec,
+                history=lambda u: [e.item_id for e in store.history(u, limit=200)],
+                rank=functools.partial(_rank_through_batcher, state, adapter),
+            )
             app_state.chat_engine = engine
     return engine, app_state.chat_conversations, state
+
+
+def _rank_through_batcher(state: Any, adapter: str | None, request: Any, config: Any) -> Any:
+    """The LLM stage through the service's micro-batcher (one model queue, one time budget for every endpoint).
+
+    Called from the worker thread that streams the answer; past the queue's bound or the budget, the retrieval
+    ranking answers, marked with the reason (as /v1/recommend does)."""
+    import anyio.from_thread
+
+    if state.batcher is None:
+        return state.recommender(adapter, use_llm=True).recommend(request, config)
+    submit = functools.partial(
+        state.batcher.submit, request, config, key=(adapter, "score", config), budget_s=state.settings.request_budget_s
+    )
+    try:
+        return anyio.from_thread.run(submit)
+    except Exception as e:  # Overloaded, BudgetExceeded: the retrieval ranking, flagged
+        rec = state.recommender(adapter, use_llm=False).recommend(request, config)
+        return rec.model_copy(update={"fallback": True, "fallback_reason": f"{type(e).__name__}: {e}"})
 
 
 def _log(app_state: Any, answer: ChatAnswer, conv_id: str, user: str | None, message: str) -> None:

@@ -129,7 +129,11 @@ class ChatEngine:
         history: Callable[[str], Sequence[str]] | None = None,
         config: ChatConfig | None = None,
         vocab: CatalogVocab | None = None,
+        rank: Callable[[RetrievalRequest, GeneratorConfig], Any] | None = None,
     ) -> None:
+        """`rank(request, config) -> Recommendation`: how the LLM stage runs (default `recommender.recommend`; the
+        service passes its micro-batcher, so chat and /v1/recommend share the model's queue and time budget)."""
+        self.rank = rank
         self.catalog = catalog
         self.recommender = recommender
         self.history = history or (lambda _user: ())
@@ -232,7 +236,10 @@ class ChatEngine:
         if not cfg.use_llm or self.recommender.backend is None:
             return
         t4 = time.perf_counter()
-        final, _ = self._recommend(request, gen_cfg, use_llm=True)
+        if self.rank is None:
+            final, _ = self._recommend(request, gen_cfg, use_llm=True)
+        else:
+            final = self.rank(request, gen_cfg)  # the same config the first cards were feasible under
         timings["rank_and_reasons"] = _ms(t4)
         timings["total"] = _ms(t0)
         assert final is not None
