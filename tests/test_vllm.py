@@ -191,7 +191,7 @@ ENGINE_NAMES = [
 @pytest.mark.parametrize("name", ENGINE_NAMES)
 def test_label_scores_match_transformers(name: str) -> None:
     engine = _engine(name)
-    prompts, labels = _ranking_prompts(engine.tokenizer, 24, seed=1)
+    prompts, labels = _ranking_prompts(engine.tokenizer, 16, seed=1)
     got = engine.label_logprobs(prompts, labels)
     want = _transformers_fp32().label_logprobs(prompts, labels)
     diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
@@ -302,7 +302,7 @@ def test_recommender_on_vllm(small_shop) -> None:
     catalog = Catalog(small_shop.items)
     hist = histories(small_shop.interactions)
     retriever = FusionRetriever(catalog, list(fit_signals(catalog, hist, ("popularity", "itemknn", "bm25")).values()))
-    requests = [RetrievalRequest(user_id=u, history=tuple(e.item_id for e in hist[u])) for u in sorted(hist)[:3]]
+    requests = [RetrievalRequest(user_id=u, history=tuple(e.item_id for e in hist[u])) for u in sorted(hist)[:2]]
     on_vllm = Recommender(retriever, catalog, vllm_backend())
     for mode in ("score", "generate"):
         cfg = GeneratorConfig(mode=mode, timeout_s=300)

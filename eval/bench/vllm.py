@@ -137,8 +137,16 @@ def parity(a: Backend, b: Backend, rec: Recommender, requests: Sequence[Retrieva
 
 
 def validity(
-    rec: Recommender, catalog: Any, retriever: Any, requests: Sequence[RetrievalRequest], n: int, seed: int
+    rec: Recommender,
+    catalog: Any,
+    retriever: Any,
+    requests: Sequence[RetrievalRequest],
+    n: int,
+    seed: int,
+    progress: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> dict[str, Any]:
+    """`n` random requests in groups of 32; `progress` gets the counts so far after every group (a long run that
+    is stopped still leaves its counts)."""
     rng = np.random.default_rng(seed)
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
@@ -173,6 +181,7 @@ def validity(
             cats = [catalog[i].category_at(cfg.constraint.level) for i in ids]
             problems = check_picks(ids, ids, cats, len(ids), cfg.constraint) if len(set(ids)) == len(ids) else []
             counts["quota_violations"] += int(any("category" in p for p in problems))
+        progress({**dict(counts), "fallback_reasons": dict(reasons), "wall_s": round(time.perf_counter() - t0, 1)})
     return {**dict(counts), "fallback_reasons": dict(reasons), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -307,8 +316,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             section("throughput")[f"{name}/{mode}"] = rows
             save()
     if "vllm" in recs and args.validity:
-        result["validity"] = validity(recs["vllm"], catalog, retriever, requests, args.validity, seed=1)
-        save()
+
+        def progress(counts: dict[str, Any]) -> None:
+            result["validity"] = counts
+            save()
+
+        validity(recs["vllm"], catalog, retriever, requests, args.validity, seed=1, progress=progress)
     if "vllm" in backends and args.grid:
         result["grid"] = grid(backends["vllm"], recs["vllm"], requests, levels)
         save()

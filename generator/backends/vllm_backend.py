@@ -197,6 +197,7 @@ def _engine(path: str, dtype: str, max_model_len: int, max_loras: int, max_lora_
             # without triton runs it anyway; on a GPU build this keeps the same code path).
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_KV_CACHE_GB))
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs INFO to stdout: CLI output stays ours
             from vllm import LLM
 
             from generator.backends.vllm_logits import ShoprecLogitsProcessor  # type: ignore[attr-defined]
