@@ -277,7 +277,12 @@ def _signals(dataset: str, catalog: Any, train: Mapping[str, Sequence[Any]], log
 
 
 def run_conversations(
-    dataset: str, n_users: int, seed: int = 0, backend_name: str = "transformers", log: Any = print
+    dataset: str,
+    n_users: int,
+    seed: int = 0,
+    backend_name: str = "transformers",
+    log: Any = print,
+    out: Path | None = None,
 ) -> dict[str, Any]:
     from eval.datasets import load
     from eval.metrics import bootstrap_ci, hit_rate_at_k, ndcg_at_k
@@ -343,6 +348,48 @@ def run_conversations(
         e["history"] += sum(i in set(case.history) for i in ids)
         e["violations"] += constraint_violations(catalog, ids, constraints)
 
+    def summarise(done: int) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "dataset": name,
+            "users": done,
+            "repeat_targets_skipped": len(split.test) - len(fresh),
+            "k": k,
+            "seed": seed,
+            "backend": backend_name,
+            "systems": {},
+        }
+        for system in systems:
+            row: dict[str, Any] = {}
+            for turn in (0, 1):
+                r = ranks[system][turn]
+                row[f"turn{turn + 1}"] = {
+                    "ndcg@10": bootstrap_ci(ndcg_at_k(r, k)),
+                    "hr@10": bootstrap_ci(hit_rate_at_k(r, k)),
+                    "ndcg@10_per_user": [round(float(x), 4) for x in ndcg_at_k(r, k)],
+                }
+            e = errors[system]
+            row["constraint_violations"] = int(e["violations"])
+            row["error_rates"] = {x: round(e[x] / max(e["items"], 1), 4) for x in ("candidate", "duplicate", "history")}
+            row["questions_asked"] = int(questions[system])
+            if lat[system]:
+                row["first_turn_ms_p50"] = round(float(np.percentile(lat[system], 50)), 1)
+            result["systems"][system] = row
+        result["paired"] = {}
+        for system in ("parsed", "full", "full-no-history"):
+            for base in ("bm25-raw", "dense-raw"):
+                for tn in ("turn1", "turn2"):
+                    a = np.array(result["systems"][system][tn]["ndcg@10_per_user"])
+                    b = np.array(result["systems"][base][tn]["ndcg@10_per_user"])
+                    mean, lo, hi = bootstrap_ci(a - b)
+                    rel = (a.mean() / b.mean() - 1) if b.mean() > 0 else math.inf
+                    result["paired"][f"{system} vs {base} {tn}"] = {
+                        "diff": round(mean, 4), "ci": [round(lo, 4), round(hi, 4)], "relative": round(float(rel), 4)
+                    }  # fmt: skip
+        result["examples"] = examples
+        result["seconds"] = round(time.perf_counter() - t_start, 1)
+        result["partial"] = done < len(cases)
+        return result
+
     for n, case in enumerate(cases, start=1):
         rng = random.Random(f"{seed}-{case.user_id}")
         conv = write_conversation(case, catalog, brands_by_leaf, rng)
@@ -378,50 +425,13 @@ def run_conversations(
                 examples.append({"user": case.user_id, "target": case.target, "turns": [conv.first, second],
                                  "state": answer2.state.model_dump(mode="json", exclude={"shown"}),
                                  "turn1": first_ids, "turn2": [c.item_id for c in answer2.cards]})  # fmt: skip
-        if n % 20 == 0 or n == len(cases):
+        if n % 10 == 0 or n == len(cases):
             nd = {s: float(np.mean(ndcg_at_k(ranks[s][0], k))) for s in systems}
             log(f"  {n}/{len(cases)} users, {time.perf_counter() - t_start:.0f}s; turn-1 NDCG@10 "
                 + ", ".join(f"{s} {v:.3f}" for s, v in nd.items()))  # fmt: skip
-
-    result: dict[str, Any] = {
-        "dataset": name,
-        "users": len(cases),
-        "repeat_targets_skipped": len(split.test) - len(fresh),
-        "k": k,
-        "seed": seed,
-        "backend": backend_name,
-        "systems": {},
-    }
-    for system in systems:
-        out: dict[str, Any] = {}
-        for turn in (0, 1):
-            r = ranks[system][turn]
-            out[f"turn{turn + 1}"] = {
-                "ndcg@10": bootstrap_ci(ndcg_at_k(r, k)),
-                "hr@10": bootstrap_ci(hit_rate_at_k(r, k)),
-                "ndcg@10_per_user": [round(float(x), 4) for x in ndcg_at_k(r, k)],
-            }
-        e = errors[system]
-        out["constraint_violations"] = int(e["violations"])
-        out["error_rates"] = {x: round(e[x] / max(e["items"], 1), 4) for x in ("candidate", "duplicate", "history")}
-        out["questions_asked"] = int(questions[system])
-        if lat[system]:
-            out["first_turn_ms_p50"] = round(float(np.percentile(lat[system], 50)), 1)
-        result["systems"][system] = out
-    result["paired"] = {}
-    for system in ("parsed", "full", "full-no-history"):
-        for base in ("bm25-raw", "dense-raw"):
-            for tn in ("turn1", "turn2"):
-                a = np.array(result["systems"][system][tn]["ndcg@10_per_user"])
-                b = np.array(result["systems"][base][tn]["ndcg@10_per_user"])
-                mean, lo, hi = bootstrap_ci(a - b)
-                rel = (a.mean() / b.mean() - 1) if b.mean() > 0 else math.inf
-                result["paired"][f"{system} vs {base} {tn}"] = {
-                    "diff": round(mean, 4), "ci": [round(lo, 4), round(hi, 4)], "relative": round(float(rel), 4)
-                }  # fmt: skip
-    result["examples"] = examples
-    result["seconds"] = round(time.perf_counter() - t_start, 1)
-    return result
+            if out is not None:  # a long run on a shared box leaves a usable (flagged) result if it is stopped
+                write_result(out, summarise(n))
+    return summarise(len(cases))
 
 
 def _refinement(conv: Conversation, shown: Sequence[str], target: str, rng: random.Random) -> tuple[str, str | None]:
@@ -458,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="transformers", choices=("transformers", "fake"))
     args = ap.parse_args(argv)
     if args.dataset:
-        conv = run_conversations(args.dataset, args.users, args.seed, args.backend)
+        conv = run_conversations(args.dataset, args.users, args.seed, args.backend, out=args.out)
         print_conversations(conv)
         if args.out:
             write_result(args.out, conv)
