@@ -242,6 +242,9 @@ class SearchOut(_Strict):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_WIDE_K = 200  # the recommender's widest retrieval (generator.recommender: _retrieve_feasible)
+
+
 class _RememberingRetriever:
     """The live index, remembering the candidates of recent requests: a pick's `signals` come from them.
 
@@ -253,6 +256,7 @@ class _RememberingRetriever:
         self._seen: OrderedDict[RetrievalRequest, list[Candidate]] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     @property
     def catalog(self) -> Any:
@@ -263,7 +267,19 @@ class _RememberingRetriever:
         return getattr(self.index, "item_vectors", None)
 
     def retrieve(self, request: RetrievalRequest, k: int) -> list[Candidate]:
-        out: list[Candidate] = self.index.retrieve(request, k)
+        # The recommender asks once for 5 x n_candidates, and again for 200 when the top ones cannot meet the
+        # category constraint (most requests, measured on the demo shop): fetch the wider list once and slice it
+        # for the second call of the SAME request object (same thread, a moment later: never stale). Exact only
+        # while a top-k is a prefix of a wider top-k, i.e. without reserved new-item places.
+        last = getattr(self._local, "last", None)
+        if last is not None and last[0] is request and k <= last[1]:
+            return last[2][:k]
+        prefix_safe = not getattr(getattr(getattr(self.index, "fusion", None), "config", None), "new_item_share", 1)
+        fetch = max(k, _WIDE_K) if prefix_safe else k
+        out: list[Candidate] = self.index.retrieve(request, fetch)
+        if prefix_safe:
+            self._local.last = (request, fetch, out)
+            out = out[:k]
         with self._lock:
             self._seen[request] = out
             self._seen.move_to_end(request)

@@ -130,7 +130,9 @@ class Batcher:
             expected = self.expected_wait_s(depth)
             if depth >= self.max_queue:
                 raise Overloaded(f"the model queue is full ({depth} requests waiting)", max(1.0, expected))
-            if expected > budget_s:
+            idle = depth == 0 and self._busy_since is None
+            # an idle model is always tried: that is how the estimate recovers when the box gets faster again
+            if expected > budget_s and not idle:
                 # admission control: a request that cannot be answered within its budget does not queue, so the
                 # caller's fallback is immediate instead of after the whole budget
                 raise Overloaded(

@@ -137,6 +137,19 @@ def test_a_request_that_cannot_make_its_budget_is_refused_at_once() -> None:
     assert len(slow.batches) == 2  # the refused ones cost the model nothing
 
 
+def test_an_idle_model_is_tried_even_when_batches_were_slower_than_the_budget() -> None:
+    slow = ScriptedModel(delay_s=0.4)
+    b = Batcher(slow, max_queue=8, max_batch=1, wait_s=0.0)
+    b.start()
+    try:
+        run(b, ["learn"])  # batches take 0.4 s
+        out = run(b, ["probe"], budget_s=0.3)  # over budget by the estimate, but the model is idle: try it
+    finally:
+        b.stop()
+    assert isinstance(out[0], BudgetExceeded)  # it did not make it this time...
+    assert [users for _, users, _ in slow.batches] == [["learn"], ["probe"]]  # ...but the model was asked
+
+
 def test_one_failing_request_does_not_fail_its_batch(model: ScriptedModel) -> None:
     b = Batcher(model, max_queue=8, max_batch=8, wait_s=0.05)
     b.start()

@@ -180,6 +180,11 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=10.0, help="The server's request_budget_s.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="", help="What else ran on the box (recorded in the JSON).")
+    ap.add_argument(
+        "--keep-other-modes",
+        action="store_true",
+        help="Keep the levels of modes not run now from the existing --out file (rerun one mode).",
+    )
     args = ap.parse_args()
 
     args.home.mkdir(parents=True, exist_ok=True)
@@ -210,6 +215,12 @@ def main() -> None:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+    if args.keep_other_modes and args.out.is_file():
+        kept = [r for r in json.loads(args.out.read_text(encoding="utf-8"))["levels"] if r["mode"] not in args.modes]
+        for r in kept:
+            r.setdefault("run", "earlier run, kept with --keep-other-modes")
+        levels = kept + levels
 
     def at(mode: str, clients: int) -> dict[str, Any] | None:
         return next((r for r in levels if r["mode"] == mode and r["clients"] == clients), None)
