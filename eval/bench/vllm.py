@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.dry_run:
         args.latency, args.concurrency, args.validity, args.parity = (DRY[k] for k in DRY)
-    levels = [int(x) for x in args.concurrency.split(",")]
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]  # "" skips the throughput section
     names = args.backends.split(",")
     dtype = "float32" if args.device == "cpu" else "auto"  # fp32 on CPU: label scores comparable across backends
 
@@ -305,11 +305,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         save()
     for name, rec in recs.items():
-        for mode in ("score", "generate"):
+        for mode in ("score", "generate") if args.latency else ():  # --latency 0 skips it
             cfg = GeneratorConfig(mode=mode, timeout_s=600)  # type: ignore[arg-type]
             section("latency")[f"{name}/{mode}"] = latency(rec, requests[: args.latency], cfg)
             save()
-        modes = ("score", "generate") if args.grid else ("score",)
+        modes = (("score", "generate") if args.grid else ("score",)) if levels else ()
         for mode in modes:
             cfg = GeneratorConfig(mode=mode, timeout_s=600)  # type: ignore[arg-type]
             rows = [throughput(rec, requests[100:], cfg, c, threads=name != "transformers") for c in levels]

