@@ -195,6 +195,6 @@ def test_sasrec_loss_in_chunks_has_the_same_gradients(monkeypatch: pytest.Monkey
     emb.grad = None
     monkeypatch.setattr(sequential, "_LOSS_CHUNK", 7)
     loss = sequential._softmax_loss_backward(enc(x), emb, target)
-    assert loss == pytest.approx(float(F.cross_entropy(enc(x) @ emb[1:].T, target)), rel=1e-5)
+    assert loss == pytest.approx(F.cross_entropy(enc(x) @ emb[1:].T, target).item(), rel=1e-5)
     torch.testing.assert_close(enc.weight.grad, expected[0])
     torch.testing.assert_close(emb.grad, expected[1])
