@@ -304,17 +304,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             parity(backends["vllm"], backends["transformers"], recs["vllm"], requests[: args.parity])
         )
         save()
-    for name, rec in recs.items():
-        for mode in ("score", "generate") if args.latency else ():  # --latency 0 skips it
-            cfg = GeneratorConfig(mode=mode, timeout_s=600)  # type: ignore[arg-type]
+    # backends interleaved, saved after each measurement: a run cut short still compares like with like
+    for mode in ("score", "generate") if args.latency else ():  # --latency 0 skips it
+        cfg = GeneratorConfig(mode=mode, timeout_s=600)  # type: ignore[arg-type]
+        for name, rec in recs.items():
             section("latency")[f"{name}/{mode}"] = latency(rec, requests[: args.latency], cfg)
             save()
-        modes = (("score", "generate") if args.grid else ("score",)) if levels else ()
-        for mode in modes:
-            cfg = GeneratorConfig(mode=mode, timeout_s=600)  # type: ignore[arg-type]
-            rows = [throughput(rec, requests[100:], cfg, c, threads=name != "transformers") for c in levels]
-            section("throughput")[f"{name}/{mode}"] = rows
-            save()
+    for mode in (("score", "generate") if args.grid else ("score",)) if levels else ():
+        cfg = GeneratorConfig(mode=mode, timeout_s=600)  # type: ignore[arg-type]
+        for c in levels:
+            for name, rec in recs.items():
+                row = throughput(rec, requests[100:], cfg, c, threads=name != "transformers")
+                section("throughput").setdefault(f"{name}/{mode}", []).append(row)
+                save()
     if "vllm" in recs and args.validity:
 
         def progress(counts: dict[str, Any]) -> None:
