@@ -32,7 +32,7 @@ CONVERSATIONS = [
 ]
 
 
-def run(home: Path, rounds: int, threads: int) -> dict[str, Any]:
+def run(home: Path, rounds: int, threads: int, conversations: int = len(CONVERSATIONS)) -> dict[str, Any]:
     import torch
 
     from shoprec.chat.turn import ChatEngine
@@ -69,7 +69,7 @@ def run(home: Path, rounds: int, threads: int) -> dict[str, Any]:
 
     conversation(CONVERSATIONS[0])  # warm-up
     load0 = os.getloadavg()
-    turns = [t for _ in range(rounds) for conv in CONVERSATIONS for t in conversation(conv)]
+    turns = [t for _ in range(rounds) for conv in CONVERSATIONS[:conversations] for t in conversation(conv)]
     load1 = os.getloadavg()
     firsts = [t["first_cards_ms"] for t in turns if t["first_cards_ms"] is not None]
     whole = [t["turn_ms"] for t in turns if t["kind"] == "picks"]
@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--home", type=Path, default=Path("var/demo"))
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--conversations", type=int, default=len(CONVERSATIONS), help="How many of the 4-turn scripts.")
     ap.add_argument("--out", type=Path, default=Path("eval/results/chat-latency.json"))
     args = ap.parse_args(argv)
-    result = run(args.home, args.rounds, args.threads)
+    result = run(args.home, args.rounds, args.threads, args.conversations)
     print(json.dumps({k: v for k, v in result.items() if k != "turns"}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
