@@ -534,8 +534,11 @@ async def _recommend(
     (on a starved CPU a second retrieval pass after the budget could take seconds). It costs one retrieval pass,
     a few per cent of a model call."""
     retrieval = state.recommender(adapter, use_llm=False)
-    base: Recommendation = await run_in_threadpool(retrieval.recommend, request, cfg)
+    base: Recommendation | None = None
+    if mode == "retrieval" or state.settings.overload == "fallback":  # 'reject' refuses without this work
+        base = await run_in_threadpool(retrieval.recommend, request, cfg)
     if mode == "retrieval":
+        assert base is not None
         return base
     assert state.batcher is not None
     budget = state.settings.request_budget_s - (time.monotonic() - t0) - _FALLBACK_RESERVE_S
@@ -561,7 +564,14 @@ async def _recommend(
         except BudgetExceeded as e:
             cause, reason = "budget", f"time budget: {e}"
     state.metrics.fallbacks.labels(cause=cause).inc()
+    if base is None:  # 'reject' mode, past the budget
+        return await _flagged(retrieval, request, cfg, reason)
     return base.model_copy(update={"fallback": True, "fallback_reason": reason})
+
+
+async def _flagged(retrieval: Any, request: RetrievalRequest, cfg: GeneratorConfig, reason: str) -> Recommendation:
+    rec: Recommendation = await run_in_threadpool(retrieval.recommend, request, cfg)
+    return rec.model_copy(update={"fallback": True, "fallback_reason": reason})
 
 
 def _log_recommendation(

@@ -133,10 +133,24 @@ async def run_level(
         "transport_errors": sum(v for s, v in statuses.items() if s.startswith("error")),
         "rejected_429_503": statuses.get("429", 0) + statuses.get("503", 0),
         "fallback_rate": round(sum(fallbacks.values()) / max(ok, 1), 4),
+        # answers the model made (not the retrieval fallback): what batching is judged on
+        "model_answers": ok - sum(fallbacks.values()),
+        "model_throughput_rps": round((ok - sum(fallbacks.values())) / wall, 3),
         "fallback_causes": dict(fallbacks),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def score_targets(levels: list[dict[str, Any]]) -> dict[str, Any]:
+    """Score mode at 16 clients vs 1, counting only the model's answers: a fallback is a retrieval answer, and
+    counting it would credit batching with throughput the model never produced."""
+    s1 = next((r for r in levels if r["mode"] == "score" and r["clients"] == 1), None)
+    s16 = next((r for r in levels if r["mode"] == "score" and r["clients"] == 16), None)
+    if not (s1 and s16):
+        return {}
+    ratio = s16["model_throughput_rps"] / max(s1["model_throughput_rps"], 1e-9)
+    return {"score_model_throughput_16_vs_1>=2x": {"value": round(ratio, 2), "met": ratio >= 2}}
 
 
 def plot(levels: list[dict[str, Any]], path: Path) -> None:
@@ -151,7 +165,10 @@ def plot(levels: list[dict[str, Any]], path: Path) -> None:
         if not rows:
             continue
         x = [r["clients"] for r in rows]
-        axes[0].plot(x, [r["throughput_rps"] for r in rows], marker="o", label=mode)
+        axes[0].plot(x, [r["throughput_rps"] for r in rows], marker="o", label=f"{mode}: all answers")
+        if mode != "retrieval":
+            model = [r.get("model_throughput_rps", 0.0) for r in rows]
+            axes[0].plot(x, model, marker="s", linestyle=":", label=f"{mode}: model answers (no fallback)")
         axes[1].plot(x, [r["p50_ms"] for r in rows], marker="o", label=f"{mode} p50")
         axes[1].plot(x, [r["p99_ms"] for r in rows], marker="x", linestyle="--", label=f"{mode} p99")
     for ax in axes:
@@ -230,10 +247,7 @@ def main() -> None:
     if r16:
         targets["retrieval_p50_ms_at_16<=30"] = {"value": r16["p50_ms"], "met": r16["p50_ms"] <= 30}
         targets["retrieval_p99_ms_at_16<=150"] = {"value": r16["p99_ms"], "met": r16["p99_ms"] <= 150}
-    s1, s16 = at("score", 1), at("score", 16)
-    if s1 and s16:
-        ratio = s16["throughput_rps"] / max(s1["throughput_rps"], 1e-9)
-        targets["score_throughput_16_vs_1>=2x"] = {"value": round(ratio, 2), "met": ratio >= 2}
+    targets.update(score_targets(levels))
     targets["no_5xx"] = {
         "value": sum(r["errors_5xx"] for r in levels),
         "met": all(r["errors_5xx"] == 0 for r in levels),
