@@ -48,7 +48,10 @@ class Settings(BaseModel):
         description="Share of each retrieved list reserved for items nobody has used yet, best content match "
         "first (0.1 = 2 of the LLM's 20 candidates): how a new product reaches shoppers.",
     )
-    llm_backend: str = Field(default="transformers", description="LLM backend: transformers | fake.")
+    llm_backend: str = Field(
+        default="transformers",
+        description="LLM backend: transformers | vllm | vllm-server | fake; 'none': the service serves retrieval only.",
+    )
     llm_model: str = Field(
         default="embedded:SmolLM2-135M-Instruct",
         description="'embedded:<name>' (shipped in a PyPI package), a local HF folder, or a hub id in the local cache.",
