@@ -119,6 +119,11 @@ class Batcher:
     def depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch running."""
+        return not self._pending and self._busy_since is None
+
     # ---------------------------------------------------------------- the caller's side
     async def submit(
         self, request: RetrievalRequest, config: GeneratorConfig, *, key: Hashable, budget_s: float
@@ -130,7 +135,7 @@ class Batcher:
             expected = self.expected_wait_s(depth)
             if depth >= self.max_queue:
                 raise Overloaded(f"the model queue is full ({depth} requests waiting)", max(1.0, expected))
-            idle = depth == 0 and self._busy_since is None
+            idle = self.idle
             # an idle model is always tried: that is how the estimate recovers when the box gets faster again
             if expected > budget_s and not idle:
                 # admission control: a request that cannot be answered within its budget does not queue, so the
@@ -188,6 +193,9 @@ class Batcher:
                 else:
                     keep.append(job)
             self._pending = keep
+            # busy from the moment the batch leaves the queue, under the same lock: otherwise a request arriving
+            # between this and `_run` sees an empty queue and no running batch, and is admitted as if idle
+            self._busy_since = time.monotonic()
             self._on_depth(len(self._pending))
         now = time.monotonic()
         live = []
@@ -205,9 +213,9 @@ class Batcher:
 
     def _run(self, batch: list[_Job]) -> None:
         if not batch:
+            self._busy_since = None
             return
         t0 = time.monotonic()
-        self._busy_since = t0
         # the model may use the time left to the batch's most urgent request; the recommender falls back by itself
         timeout = max(_MIN_MODEL_S, min(job.deadline for job in batch) - t0)
         cfg = batch[0].config.model_copy(update={"timeout_s": timeout})

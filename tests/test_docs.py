@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from shoprec.cli import app
@@ -45,3 +47,16 @@ def test_every_cli_command_in_the_readme_exists_with_its_flags():
         assert r.exit_code == 0, f"README uses unknown command: {line}"
         for flag in (t.split("=")[0] for t in cmd if t.startswith("--")):
             assert flag in r.output, f"README uses unknown flag {flag} in: {line}"
+
+
+@pytest.mark.slow  # needs a built shop (the session's tiny API shop, ~1 min to build; shared with the API tests)
+def test_the_readme_python_example_runs(api_shop_home, tmp_path, capsys):
+    """The README's Python block, run as written against a built shop (its home swapped for the demo's)."""
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert len(blocks) == 1, "README should show exactly one Python example"
+    home = shutil.copytree(api_shop_home, tmp_path / "home")  # the shared template stays untouched
+    code = blocks[0].replace('"var/demo"', repr(str(home)))
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and [ln.split()[0] for ln in lines] == ["1", "2", "3", "4", "5"]
+    assert all(" | " in ln and ln.split(" | ")[1].strip() for ln in lines)  # every pick has a reason

@@ -43,12 +43,26 @@ class ScriptedModel:
 
 
 def run(batcher: Batcher, users: Sequence[str], *, key: Hashable = "k", budget_s: float = 5.0) -> list[object]:
-    async def go() -> list[object]:
-        cfg = GeneratorConfig()
-        jobs = [batcher.submit(RetrievalRequest(user_id=u), cfg, key=key, budget_s=budget_s) for u in users]
-        return list(await asyncio.gather(*jobs, return_exceptions=True))
+    return timed_run(batcher, users, key=key, budget_s=budget_s)[0]
 
-    return asyncio.run(go())
+
+def timed_run(
+    batcher: Batcher, users: Sequence[str], *, key: Hashable = "k", budget_s: float = 5.0
+) -> tuple[list[object], list[float]]:
+    """Submits one request per user at once; each one's outcome and the seconds to it."""
+    t0 = time.monotonic()
+    took = [0.0] * len(users)
+
+    async def one(i: int, user: str) -> Recommendation:
+        try:
+            return await batcher.submit(RetrievalRequest(user_id=user), GeneratorConfig(), key=key, budget_s=budget_s)
+        finally:
+            took[i] = time.monotonic() - t0
+
+    async def go() -> list[object]:
+        return list(await asyncio.gather(*(one(i, u) for i, u in enumerate(users)), return_exceptions=True))
+
+    return asyncio.run(go()), took
 
 
 @pytest.fixture
@@ -126,15 +140,34 @@ def test_a_request_that_cannot_make_its_budget_is_refused_at_once() -> None:
     b.start()
     try:
         run(b, ["learn"])  # the first batch teaches the batcher how long a batch takes
-        t0 = time.monotonic()
-        out = run(b, ["a", "b", "c"], budget_s=0.8)  # one fits (0.5 s), the ones behind it cannot
-        took = time.monotonic() - t0
+        out, took = timed_run(b, ["a", "b", "c"], budget_s=0.8)  # one fits (0.5 s), the ones behind it cannot
     finally:
         b.stop()
     assert isinstance(out[0], Recommendation)
     assert all(isinstance(r, Overloaded) and "busy" in str(r) for r in out[1:])
-    assert took < 0.8
+    # refused at once: long before the admitted one's 0.5 s of model time, not after waiting out the budget
+    assert max(took[1:]) < 0.25 < took[0]
     assert len(slow.batches) == 2  # the refused ones cost the model nothing
+
+
+def test_the_model_is_busy_from_the_moment_a_batch_leaves_the_queue() -> None:
+    # A request arriving between the worker taking a batch off the queue and running it must not see an idle
+    # model (it would be admitted past its budget). The depth callback runs in that hand-over, under the lock.
+    seen: list[bool] = []
+    b: Batcher
+
+    def on_depth(depth: int) -> None:
+        if threading.current_thread().name == "shoprec-llm-batcher":
+            seen.append(b.idle)
+
+    b = Batcher(ScriptedModel(delay_s=0.05), max_queue=8, max_batch=1, wait_s=0.0, on_depth=on_depth)
+    b.start()
+    try:
+        run(b, ["a", "b"])
+    finally:
+        b.stop()
+    assert seen and not any(seen)
+    assert b.idle
 
 
 def test_an_idle_model_is_tried_even_when_batches_were_slower_than_the_budget() -> None:
