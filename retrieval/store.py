@@ -50,7 +50,7 @@ __all__ = [
 
 # 1: items + events. 2: event ids, dedup keys and attribution; item versions and soft deletes; the
 # recommendation log; API keys. A version-1 file is migrated in place when it is first opened.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 KEY_SCOPES = ("read", "write", "admin")
 Scope = Literal["read", "write", "admin"]
@@ -117,6 +117,9 @@ class RecommendationLog(_Frozen):
         default_factory=dict,
         description="The request's fields as the caller sent them (no personal data beyond what the shopper typed).",
     )
+    latency_ms: float | None = Field(
+        default=None, ge=0, description="Server-side time to the answer (an experiment's latency guardrail)."
+    )
 
 
 class ApiKey(_Frozen):
@@ -154,7 +157,9 @@ _ITEM_COLUMNS = "id, title, category, brand, price, description, attributes, cre
 # Oldest first, the same order as retrieval.events.histories: timestamp, then position, then insertion order.
 _OLDEST_FIRST = 'COALESCE("timestamp", 0), COALESCE("position", 0), seq'
 _NEWEST_FIRST = 'COALESCE("timestamp", 0) DESC, COALESCE("position", 0) DESC, seq DESC'
-_REC_COLUMNS = "id, created_at, endpoint, user_id, unit_id, items, mode, fallback, experiment, variant, request"
+_REC_COLUMNS = (
+    "id, created_at, endpoint, user_id, unit_id, items, mode, fallback, experiment, variant, request, latency_ms"
+)
 _KEY_COLUMNS = "id, name, scopes, created_at, revoked_at"
 
 
@@ -420,11 +425,13 @@ class Store(ABC):
             entry.experiment,
             entry.variant,
             json.dumps(entry.request, ensure_ascii=False, sort_keys=True, default=str),
+            entry.latency_ms,
         )
         with self._write() as cur:
             if cur.execute("SELECT 1 FROM recommendations WHERE id = ?", (entry.id,)).fetchone():
                 raise StoreError(f"recommendation id {entry.id!r} is already logged; ids must be unique")
-            cur.execute(f"INSERT INTO recommendations ({_REC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            marks = ", ".join("?" * len(row))
+            cur.execute(f"INSERT INTO recommendations ({_REC_COLUMNS}) VALUES ({marks})", row)
 
     def recommendation(self, rec_id: str) -> RecommendationLog | None:
         """One logged recommendation by id; None when unknown."""
@@ -702,7 +709,7 @@ def _event_from(r: Sequence[Any]) -> Interaction:
 
 
 def _rec_from(r: Sequence[Any]) -> RecommendationLog:
-    rec_id, created, endpoint, user_id, unit_id, items, mode, fallback, experiment, variant, request = r
+    rec_id, created, endpoint, user_id, unit_id, items, mode, fallback, experiment, variant, request, latency_ms = r
     return RecommendationLog(
         id=rec_id,
         created_at=_when(created),
@@ -715,6 +722,7 @@ def _rec_from(r: Sequence[Any]) -> RecommendationLog:
         experiment=experiment,
         variant=variant,
         request=json.loads(request),
+        latency_ms=latency_ms,
     )
 
 

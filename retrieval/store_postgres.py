@@ -71,7 +71,8 @@ CREATE TABLE IF NOT EXISTS recommendations (
     fallback   INTEGER NOT NULL,
     experiment TEXT,
     variant    TEXT,
-    request    TEXT NOT NULL
+    request    TEXT NOT NULL,
+    latency_ms DOUBLE PRECISION
 );
 CREATE INDEX IF NOT EXISTS recommendations_experiment ON recommendations (experiment, created_at);
 CREATE INDEX IF NOT EXISTS recommendations_created ON recommendations (created_at);
@@ -216,6 +217,9 @@ class PostgresStore(Store):
                 for statement in (s for s in _SCHEMA.split(";") if s.strip()):
                     cur.execute(statement)
                 cur.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif version == 2:  # -> 3: the served list's latency (an experiment's guardrail)
+                cur.execute("ALTER TABLE recommendations ADD COLUMN IF NOT EXISTS latency_ms DOUBLE PRECISION")
+                cur.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             elif version != SCHEMA_VERSION:
                 raise StoreError(
                     f"store {self.url} has schema version {version}; this shoprec reads {SCHEMA_VERSION}. "

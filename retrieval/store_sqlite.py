@@ -106,6 +106,12 @@ UPDATE events SET dedup_key = 'k' || char(31) || user_id || char(31) || item_id 
 """
 
 
+# Version 2 -> 3: the served list's latency (an experiment's guardrail). New stores get it the same way.
+_MIGRATE_2_TO_3 = """
+ALTER TABLE recommendations ADD COLUMN latency_ms REAL
+"""
+
+
 def _statements(script: str) -> list[str]:
     """A script's statements, one by one (executescript() would commit on its own), comments dropped."""
     text = re.sub(r"--[^\n]*", "", script)
@@ -296,11 +302,12 @@ class SQLiteStore(Store):
         with self._write() as cur:
             version, _ = self._version(cur)  # again under the lock: another process may have done it meanwhile
             if version is None:
-                for statement in _statements(_TABLES) + _statements(_V2):
+                for statement in _statements(_TABLES) + _statements(_V2) + _statements(_MIGRATE_2_TO_3):
                     cur.execute(statement)
                 cur.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif version == 1:
-                for statement in _statements(_MIGRATE_1_TO_2) + _statements(_V2):
+            elif version in (1, 2):
+                steps = _statements(_MIGRATE_1_TO_2) + _statements(_V2) if version == 1 else []
+                for statement in steps + _statements(_MIGRATE_2_TO_3):
                     cur.execute(statement)
                 cur.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             elif version != SCHEMA_VERSION:

@@ -102,6 +102,11 @@ class RecommendIn(_Strict):
     """A recommendation request: for a user (history from the store), a query and/or a cart."""
 
     user: Id | None = Field(default=None, description="User id; unknown users get the cold-start answer.")
+    session: Id | None = Field(
+        default=None,
+        description="An anonymous shopper's session id (opaque, no personal data): experiments assign by it when no "
+        "user is given, so the shopper sees one variant for the whole session.",
+    )
     query: str | None = Field(default=None, max_length=MAX_QUERY_CHARS, description="What the shopper asked for.")
     cart: list[Id] = Field(default_factory=list, max_length=MAX_CART, description="Item ids in the cart.")
     filters: FiltersIn = Field(default_factory=FiltersIn, description="Hard filters.")
@@ -582,6 +587,7 @@ def _log_recommendation(
     rec: Recommendation,
     experiment: dict[str, Any] | None,
     unit_id: str,
+    latency_ms: float,
 ) -> None:
     """Store what was shown under the recommendation_id (the events that follow name it: attribution, A/B)."""
     from retrieval.store import RecommendationLog
@@ -598,6 +604,7 @@ def _log_recommendation(
             experiment=experiment.get("experiment") if experiment else None,
             variant=experiment.get("variant") if experiment else None,
             request=body.model_dump(mode="json", exclude_defaults=True),
+            latency_ms=latency_ms,
         )
     )
 
@@ -611,7 +618,8 @@ async def recommend(
     t0 = time.monotonic()
     adapter_path = state.adapter_path(body.adapter)
     cfg = _generator_config(state, body, adapter_path)
-    unit_id = body.user or principal.id
+    # the experiment unit: the user, else the anonymous session, else the API key (a key without sessions is one unit)
+    unit_id = body.user or body.session or principal.id
     decision = apply_experiment(
         state.settings,
         unit_id=unit_id,
@@ -635,8 +643,9 @@ async def recommend(
         raise RequestError(str(e)) from None
     state.metrics.recommendations.labels(mode=decision.mode).inc()
     rec_id = uuid.uuid4().hex
-    await run_in_threadpool(_log_recommendation, state, rec_id, body, principal, rec, decision.info, unit_id)
-    timings = {**rec.timings_ms, "total": round((time.monotonic() - t0) * 1000, 1)}
+    total_ms = round((time.monotonic() - t0) * 1000, 1)
+    await run_in_threadpool(_log_recommendation, state, rec_id, body, principal, rec, decision.info, unit_id, total_ms)
+    timings = {**rec.timings_ms, "total": total_ms}
     return RecommendOut(
         recommendation_id=rec_id,
         mode=rec.mode,

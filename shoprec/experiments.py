@@ -584,7 +584,7 @@ def report(store: Any, experiment: Experiment, *, look_every: int = 100) -> dict
             variant=log.variant or "?",
             ts=log.created_at.timestamp(),
             items=tuple(log.items),
-            latency_ms=getattr(log, "latency_ms", None),
+            latency_ms=log.latency_ms,
             fallback=bool(log.fallback),
             valid=_valid(log),
         )

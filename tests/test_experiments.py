@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from shoprec.config import ConfigError, Settings
@@ -241,7 +242,7 @@ def test_report_reads_the_store_log_and_attributes_by_id_and_window(tmp_path: Pa
             RecommendationLog(
                 id=f"rec-{user}", created_at=t0 + timedelta(seconds=n), endpoint="recommend", user_id=user,
                 unit_id=user, items=("P0", "P1", "P2"), mode="retrieval", experiment=exp.id, variant=arm,
-                request={"k": 3},
+                request={"k": 3}, latency_ms=100.0 * (n + 1),
             )
         )  # fmt: skip
     store.log_recommendation(  # another experiment's exposure: not in this report
@@ -265,6 +266,10 @@ def test_report_reads_the_store_log_and_attributes_by_id_and_window(tmp_path: Pa
     assert clicks[arms["U1"]] >= 1 and sum(clicks.values()) == 1
     assert sum(r["arms"][a]["metrics"]["cart_rate"]["events"] for a in ("control", "terse")) == 1
     assert r["arms"][arms["U1"]]["guardrails"]["validity_rate"] == 1.0
+    # the latency guardrail reads what the service logged with each exposure
+    for arm in set(arms.values()):
+        served = [100.0 * (n + 1) for n, u in enumerate(arms) if arms[u] == arm]
+        assert r["arms"][arm]["guardrails"]["p95_latency_ms"] == pytest.approx(np.percentile(served, 95))
 
 
 def test_a_file_broken_while_serving_keeps_the_last_good_version(tmp_path: Path, caplog: Any) -> None:

@@ -83,6 +83,18 @@ def test_two_prompt_variants_end_to_end(tmp_path: Path) -> None:
             assert len(arms) == 1 and sum(arms.values()) == 1000
             arm_of["sticky-user"] = next(iter(arms))
 
+            # anonymous shoppers: no user id, a session id; each session keeps its arm, and sessions split
+            session_arm: dict[str, str] = {}
+            for n in range(20):
+                for _ in range(3):
+                    body = {"session": f"anon-{n}", "k": 5, "mode": "retrieval"}
+                    r = client.post("/v1/recommend", json=body)
+                    assert r.status_code == 200, r.text
+                    got = r.json()["experiment"]["variant"]
+                    assert session_arm.setdefault(f"anon-{n}", got) == got, "a session changed arm"
+            served += 60
+            assert set(session_arm.values()) == {"control", "terse"}
+
             over_http = client.get("/v1/experiments/prompt-terse").json()
     finally:
         server.stop()
@@ -102,7 +114,7 @@ def test_two_prompt_variants_end_to_end(tmp_path: Path) -> None:
     assert rep.returncode == 0, rep.stderr
     report: dict[str, Any] = json.loads(rep.stdout)
     assert report["exposures"] == served, "every served response is in the recommendation log"
-    assert report["users"] == len(shoppers) + 1
+    assert report["users"] == len(shoppers) + 1 + len(session_arm)
     assert report["users_in_two_arms"] == 0 and report["unknown_variants"] == []
     sent = {(v.recommendation_id, item, kind) for v in visits for item, kind in v.events}
     assert sent, "the shoppers clicked something"
@@ -110,7 +122,9 @@ def test_two_prompt_variants_end_to_end(tmp_path: Path) -> None:
     for arm in ("control", "terse"):
         clicks = sum(kind == "click" for v in visits if v.variant == arm for _, kind in v.events)
         assert report["arms"][arm]["metrics"]["ctr"]["events"] == clicks
-        assert report["arms"][arm]["users"] == sum(a == arm for a in arm_of.values())
+        units = [*arm_of.values(), *session_arm.values()]
+        assert report["arms"][arm]["users"] == sum(a == arm for a in units)
+        assert 0 < report["arms"][arm]["guardrails"]["p95_latency_ms"] < 60_000  # logged with every exposure
     assert (
         over_http["arms"]["control"]["metrics"]["ctr"]["events"]
         <= report["arms"]["control"]["metrics"]["ctr"]["events"]

@@ -232,7 +232,7 @@ def test_recommendation_log(store: Store) -> None:
     store.upsert_items(make_items())
     a = RecommendationLog(
         endpoint="recommend", user_id="u", unit_id="u", items=("i2", "i0"), mode="score",
-        experiment="exp1", variant="B", request={"k": 2, "query": "pens"}, created_at=T0,
+        experiment="exp1", variant="B", request={"k": 2, "query": "pens"}, created_at=T0, latency_ms=12.5,
     )  # fmt: skip
     b = RecommendationLog(
         endpoint="search", items=("i1",), mode="retrieval", fallback=True, created_at=T0 + timedelta(1)
@@ -526,6 +526,25 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
         store.log_recommendation(RecommendationLog(endpoint="search", items=("a",), mode="retrieval"))
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_a_version_2_store_gains_the_latency_column_and_keeps_its_logs(url: str) -> None:
+    """Schema 2 had no recommendations.latency_ms: both backends add it in place, old rows read None."""
+    with open_store(url) as store:
+        old = RecommendationLog(endpoint="recommend", user_id="u", items=("a",), mode="score", created_at=T0)
+        store.log_recommendation(old)
+        with store._write() as cur:  # back to schema 2, as a store written by the previous shoprec looks
+            cur.execute("ALTER TABLE recommendations DROP COLUMN latency_ms")
+            cur.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    with open_store(url, create=False) as store:
+        assert store.recommendation(old.id) == old and old.latency_ms is None
+        new = RecommendationLog(endpoint="recommend", items=("b",), mode="score", created_at=T0, latency_ms=80.0)
+        store.log_recommendation(new)
+        assert store.recommendation(new.id) == new
+        with store._write() as cur:
+            assert cur.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+                str(SCHEMA_VERSION),
+            )
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
