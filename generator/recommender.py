@@ -313,7 +313,8 @@ class Recommender:
 
     def _retrieve_feasible(self, request: RetrievalRequest, cfg: GeneratorConfig) -> list[Candidate]:
         """The top n_candidates, widened with the best items of missing categories when the constraint needs it."""
-        wide = list(self.retriever.retrieve(request, cfg.n_candidates * 5))  # type: ignore[attr-defined]
+        # one retrieval, wide enough for the widening below: retrieving again would score every signal again
+        wide = list(self.retriever.retrieve(request, max(cfg.n_candidates * 5, 200)))  # type: ignore[attr-defined]
         if len(wide) < cfg.k:
             raise ValueError(
                 f"only {len(wide)} candidates match this request, fewer than k={cfg.k}. Fix: relax the filters "
@@ -328,7 +329,6 @@ class Recommender:
         if feasible(cfg.constraint, cats(top), cfg.k) is None:
             return top
         # swap in the best candidate of each unseen category, replacing the weakest of over-represented ones
-        wide = list(self.retriever.retrieve(request, max(cfg.n_candidates * 5, 200)))  # type: ignore[attr-defined]
         have = set(cats(top))
         extra = [c for c in wide[cfg.n_candidates :] if self.catalog[c.item_id].category_at(level) not in have]
         seen_extra: dict[str, Candidate] = {}

@@ -168,12 +168,13 @@ class FusionRetriever:
         evidence: dict[int, dict[str, SignalEvidence]] = {int(r): {} for r in rows}
         for source in (lists, new_lists):  # a new item's ranks are among the new items
             for name, (srows, sscores) in source.items():
-                for rank, (r, s) in enumerate(zip(srows, sscores, strict=True), start=1):
-                    if int(r) in evidence and name not in evidence[int(r)]:
-                        evidence[int(r)][name] = SignalEvidence(rank=rank, score=float(s))
-        return [
-            Candidate(item_id=self.catalog.items[r].id, score=float(fused[r]), sources=evidence[int(r)]) for r in rows
-        ]
+                # only the list's positions that hold a returned row: the lists are `depth` long, the answer k
+                for pos in np.flatnonzero(np.isin(srows, rows)).tolist():
+                    found = evidence[int(srows[pos])]
+                    if name not in found:
+                        found[name] = SignalEvidence(rank=pos + 1, score=float(sscores[pos]))
+        items = self.catalog.items
+        return [Candidate(item_id=items[r].id, score=float(fused[r]), sources=evidence[r]) for r in rows.tolist()]
 
     def new_item_mask(self) -> np.ndarray | None:
         """Rows with no interaction in the behaviour data (popularity count 0); None without a popularity signal."""

@@ -451,7 +451,8 @@ def _next_logits(model: Any, sequences: Sequence[Sequence[int]], max_len: int) -
     """Logits over all catalog rows for the item after each sequence (model in eval mode, no grad)."""
     import torch
 
-    model.eval()
+    if model.training:
+        model.eval()
     with torch.no_grad():
         h = model(torch.from_numpy(_left_pad(sequences, max_len)))[:, -1]
         return (h @ model.item_emb.weight[1:].T).double()
