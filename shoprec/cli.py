@@ -373,7 +373,8 @@ def demo(
     """Generate the synthetic demo shop, ingest it, build every index, and show candidates."""
     from shoprec.demo import run_demo
 
-    run_demo(home, seed=seed, console=console)
+    # the model stage runs on the configured LLM backend ($SHOPREC_LLM_BACKEND=vllm: vLLM)
+    run_demo(home, seed=seed, console=console, llm=_settings())
 
 
 # `eval` and `ab offline` live in their own module; registered here with this module's error handling.

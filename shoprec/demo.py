@@ -28,7 +28,16 @@ def demo_adapter() -> Path | None:
     return DEMO_ADAPTER if (DEMO_ADAPTER / "adapter_config.json").is_file() else None
 
 
-def run_demo(home: Path, *, seed: int = 0, sasrec_epochs: int = 30, console: Console | None = None) -> Shoprec:
+def run_demo(
+    home: Path,
+    *,
+    seed: int = 0,
+    sasrec_epochs: int = 30,
+    console: Console | None = None,
+    llm: Settings | None = None,
+) -> Shoprec:
+    """Runs the demo into `home` (emptied first). `llm`: settings whose LLM backend and model the demo's model
+    stage uses (`SHOPREC_LLM_BACKEND=vllm shoprec demo`); the embedded model on transformers when None."""
     from retrieval.loaders import load_dataset, write_generic
     from retrieval.synthetic import SyntheticConfig, generate
 
@@ -51,7 +60,10 @@ def run_demo(home: Path, *, seed: int = 0, sasrec_epochs: int = 30, console: Con
     con.rule("[bold]2. Ingest into the SQLite store")
     ds = load_dataset(data_dir)
     adapter = demo_adapter()
-    svc = Shoprec(Settings(home=home, sasrec_epochs=sasrec_epochs, adapter=str(adapter) if adapter else None))
+    settings = Settings(home=home, sasrec_epochs=sasrec_epochs, adapter=str(adapter) if adapter else None)
+    if llm is not None:
+        settings = settings.model_copy(update={"llm_backend": llm.llm_backend, "llm_model": llm.llm_model})
+    svc = Shoprec(settings)
     svc.store.ingest(ds.items, ds.interactions)  # items and events in one transaction
     con.print(f"store {svc.settings.store_url}: {svc.store.counts()}", highlight=False)
 
@@ -91,6 +103,8 @@ def run_demo(home: Path, *, seed: int = 0, sasrec_epochs: int = 30, console: Con
     )
     tuned = "+ demo LoRA adapter" if adapter else "untuned"
     con.rule(f"[bold]5. Ranked, justified, diverse picks (SmolLM2-135M {tuned}, at most 2 per category)")
+    if svc.settings.llm_backend != "transformers":
+        con.print(f"LLM backend: {svc.settings.llm_backend}", highlight=False)
     recommender = svc.recommender()  # with the adapter's fitted LLM/retrieval blend when it has one
     modes: tuple[tuple[str, Literal["score", "generate"]], ...] = ((shown[0], "score"), (shown[1], "generate"))
     for user, mode in modes:

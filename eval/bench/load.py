@@ -61,12 +61,15 @@ def build_shop(home: Path, n_items: int, seed: int) -> None:
     svc.build_index(log=lambda m: print("  " + m, flush=True))
 
 
-def start_server(home: Path, config: dict[str, Any], log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    home: Path, config: dict[str, Any], log_path: Path, workers: int = 1
+) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     cfg = home / "load-serve.toml"
     cfg.write_text("[shoprec]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()), encoding="utf-8")
     exe = Path(sys.executable).with_name("shoprec")
     cmd = [str(exe), "--home", str(home), "--config", str(cfg), "serve", "--port", str(port), "--log-level", "warning"]
+    cmd += ["--workers", str(workers)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -196,6 +199,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--budget", type=float, default=10.0, help="The server's request_budget_s.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1, help="Server worker processes (each loads the index and model).")
     ap.add_argument("--note", default="", help="What else ran on the box (recorded in the JSON).")
     ap.add_argument(
         "--keep-other-modes",
@@ -213,7 +217,7 @@ def main() -> None:
         users = store.users()
         counts = store.counts()
     config = {"allow_anonymous_local": True, "request_budget_s": args.budget, "llm_backend": "transformers"}
-    proc, url = start_server(args.home, config, args.out.with_suffix(".server.log"))
+    proc, url = start_server(args.home, config, args.out.with_suffix(".server.log"), args.workers)
     levels = []
     try:
         for mode in args.modes:
@@ -264,7 +268,7 @@ def main() -> None:
             "note": args.note,
         },
         "shop": {"home": str(args.home), **counts},
-        "server": {**config, "workers": 1, "llm_model": "embedded:SmolLM2-135M-Instruct"},
+        "server": {**config, "workers": args.workers, "llm_model": "embedded:SmolLM2-135M-Instruct"},
         "protocol": {
             "duration_s_per_level": args.duration,
             "max_requests_per_level": args.max_requests,
