@@ -277,13 +277,14 @@ class Recommender:
 
     def _prepare(self, request: RetrievalRequest, cfg: GeneratorConfig) -> Prepared:
         cands = self._retrieve_feasible(request, cfg)
-        paths = [" > ".join(self.catalog[c.item_id].category) for c in cands]
+        catalog = self.catalog  # read once: on a live index the property resolves the current catalog each time
+        paths = [" > ".join(catalog[c.item_id].category) for c in cands]
         cats = cut_categories(paths, cfg.constraint.level)
         labs = labels(len(cands))
-        recent = {self.catalog[i].category_at(1) for i in request.history[-3:] if i in self.catalog}
+        recent = {catalog[i].category_at(1) for i in request.history[-3:] if i in catalog}
         views = []
         for lab, c, cat in zip(labs, cands, cats, strict=True):
-            item = self.catalog[c.item_id]
+            item = catalog[c.item_id]
             evidence = [_EVIDENCE[s] for s in sorted(c.sources, key=lambda s: c.sources[s].rank) if s in _EVIDENCE]
             same_department = item.category_at(1) in recent
             if same_department:
@@ -322,18 +323,19 @@ class Recommender:
             )
         top = wide[: cfg.n_candidates]
         level = cfg.constraint.level
+        catalog = self.catalog
 
         def cats(cs: Sequence[Candidate]) -> list[str]:
-            return [self.catalog[c.item_id].category_at(level) for c in cs]
+            return [catalog[c.item_id].category_at(level) for c in cs]
 
         if feasible(cfg.constraint, cats(top), cfg.k) is None:
             return top
         # swap in the best candidate of each unseen category, replacing the weakest of over-represented ones
         have = set(cats(top))
-        extra = [c for c in wide[cfg.n_candidates :] if self.catalog[c.item_id].category_at(level) not in have]
+        extra = [c for c in wide[cfg.n_candidates :] if catalog[c.item_id].category_at(level) not in have]
         seen_extra: dict[str, Candidate] = {}
         for c in extra:
-            seen_extra.setdefault(self.catalog[c.item_id].category_at(level), c)
+            seen_extra.setdefault(catalog[c.item_id].category_at(level), c)
         picked = list(top)
         for c in seen_extra.values():
             if feasible(cfg.constraint, cats(picked), cfg.k) is None:

@@ -139,7 +139,6 @@ def parity(a: Backend, b: Backend, rec: Recommender, requests: Sequence[Retrieva
 def validity(
     rec: Recommender,
     catalog: Any,
-    retriever: Any,
     requests: Sequence[RetrievalRequest],
     n: int,
     seed: int,
@@ -173,7 +172,8 @@ def validity(
                 if "unparsable" in reason:
                     counts["parse_failures"] += 1
                 continue
-            cands = {c.item_id for c in retriever.retrieve(r, cfg.n_candidates * 5)}
+            # the candidates the model chose from: the recommender's own list (widened for the category rule)
+            cands = {c.item_id for c in rec.prepare(r, cfg).candidates}
             ids = [p.item_id for p in out.picks]
             counts["invalid_ids"] += sum(i not in cands for i in ids)
             counts["duplicates"] += len(ids) - len(set(ids))
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             result["validity"] = counts
             save()
 
-        validity(recs["vllm"], catalog, retriever, requests, args.validity, seed=1, progress=progress)
+        validity(recs["vllm"], catalog, requests, args.validity, seed=1, progress=progress)
     if "vllm" in backends and args.grid:
         result["grid"] = grid(backends["vllm"], recs["vllm"], requests, levels)
         save()
