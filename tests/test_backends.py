@@ -367,3 +367,28 @@ def test_generate_in_token_bounded_batches_keeps_every_row() -> None:
         backend.max_batch_tokens = budget  # type: ignore[attr-defined]
     assert [o.token_ids for o in outs] == [tuple(f) for f in forced]
     assert all(o.finish_reason == "stop" for o in outs)
+
+
+@pytest.mark.slow
+def test_a_batch_over_several_chunks_keeps_every_prompt_cached() -> None:
+    """The prompts of one scoring call stay cached together, however many chunks it is prefilled in: each chunk
+    storing its own used to evict the earlier chunks' prompts, so their reason rows re-read the whole prompt."""
+    backend = real_backend()
+    cache = backend.prefix_cache  # type: ignore[attr-defined]
+    assert cache is not None
+    prompts = [_prompt(backend, t) for t in PROMPTS]
+    rows = [p + "A) The" for p in prompts]
+    saved = backend.max_batch_tokens, cache.max_bytes  # type: ignore[attr-defined]
+    try:
+        backend.max_batch_tokens = 1  # type: ignore[attr-defined]  # one prompt per chunk
+        cache.max_bytes = 1  # over budget at once: only the entries of the storing call survive
+        cache.clear()
+        with one_torch_thread():
+            backend.label_logprobs(prompts, LABELS)
+            assert len(cache) == len(prompts)
+            before = dict(cache.stats)
+            backend.generate(rows, max_new_tokens=2)
+    finally:
+        backend.max_batch_tokens, cache.max_bytes = saved  # type: ignore[attr-defined]
+        cache.clear()
+    assert cache.stats["hits"] - before["hits"] == len(rows)

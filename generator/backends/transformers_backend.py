@@ -384,15 +384,22 @@ class TransformersBackend:
         label_ids = [check_single_token_labels(self._tokenizer, ls) for ls in labels]
         rows = [self._tokenizer.encode(p) for p in prompts]
         out: list[npt.NDArray[np.float64]] = []
+        # The states of EVERY prompt of this call, stored together at the end: the reason rows that follow start
+        # with these prompts, and the cache never evicts the entries of the call that stores them. Stored chunk by
+        # chunk, a later chunk evicted the earlier ones' and their reason rows re-read the whole prompt (a batch of
+        # 16 prompts over two chunks: 25 of 96 lookups hit and it took 766 s; all cached, 80 hits and 115 s).
+        states: list[tuple[Sequence[int], KV]] = []
         for chunk in _chunks([len(r) for r in rows], self.max_batch_tokens):
             with torch.inference_mode():
                 state = self._prefill([rows[i] for i in chunk])
                 logp = torch.log_softmax(state.logits, dim=-1)
                 if self.prefix_cache is not None and not all(type(x) is DynamicLayer for x in state.cache.layers):
                     self.prefix_cache = None  # sliding-window or hybrid layers: a prefix's states are not plain keys
-                if self.prefix_cache is not None:  # the reason rows that follow start with these prompts
-                    self.prefix_cache.store([(rows[i], state.row_states(j)) for j, i in enumerate(chunk)])
+                if self.prefix_cache is not None:
+                    states += [(rows[i], state.row_states(j)) for j, i in enumerate(chunk)]
             out += [logp[j, label_ids[i]].double().cpu().numpy() for j, i in enumerate(chunk)]
+        if self.prefix_cache is not None and states:
+            self.prefix_cache.store(states)
         return out
 
     def _prefill(self, rows: Sequence[Sequence[int]]) -> _Batch:
