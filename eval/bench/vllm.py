@@ -150,8 +150,8 @@ def validity(
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     t0 = time.perf_counter()
-    for start in range(0, n, 32):
-        size = min(32, n - start)
+    while counts["requests"] < n:  # served requests; refused ones (below) are drawn again
+        size = min(32, n - counts["requests"])
         k = int(rng.integers(2, 7))
         cfg = GeneratorConfig(
             mode=str(rng.choice(["score", "generate"])),  # type: ignore[arg-type]
@@ -161,8 +161,17 @@ def validity(
             ),
             timeout_s=600,
         )
-        batch = [requests[int(i)] for i in rng.integers(0, len(requests), size=size)]
-        for r, out in zip(batch, rec.recommend_batch(batch, cfg), strict=True):
+        drawn = [requests[int(i)] for i in rng.integers(0, len(requests), size=size)]
+        # a random constraint can be impossible for a request (k=6 at one per category, five categories among its
+        # candidates): the recommender refuses it with a clear error before the model; counted, not sent
+        batch, cands_of = [], []
+        for r in drawn:
+            try:
+                cands_of.append({c.item_id for c in rec.prepare(r, cfg).candidates})
+                batch.append(r)
+            except ValueError:
+                counts["refused_infeasible"] += 1
+        for cands, out in zip(cands_of, rec.recommend_batch(batch, cfg) if batch else [], strict=True):
             counts["requests"] += 1
             counts[f"mode_{cfg.mode}"] += 1
             if out.fallback:
@@ -172,8 +181,6 @@ def validity(
                 if "unparsable" in reason:
                     counts["parse_failures"] += 1
                 continue
-            # the candidates the model chose from: the recommender's own list (widened for the category rule)
-            cands = {c.item_id for c in rec.prepare(r, cfg).candidates}
             ids = [p.item_id for p in out.picks]
             counts["invalid_ids"] += sum(i not in cands for i in ids)
             counts["duplicates"] += len(ids) - len(set(ids))
@@ -263,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--latency", type=int, default=8, help="Requests timed one at a time, per mode.")
     ap.add_argument("--concurrency", default="1,8,32", help="Requests in flight at once.")
     ap.add_argument("--validity", type=int, default=1000, help="Random requests checked on vLLM.")
+    ap.add_argument("--validity-seed", type=int, default=1, help="Seed of the random validity requests.")
     ap.add_argument("--parity", type=int, default=200, help="Score-mode prompts compared (vLLM vs transformers).")
     ap.add_argument("--grid", action="store_true", help="Constraints on/off x LoRA on/off, prefix-cache hit rate.")
     ap.add_argument("--dry-run", action="store_true", help=f"Tiny sizes {DRY}: checks the whole path runs.")
@@ -323,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             result["validity"] = counts
             save()
 
-        validity(recs["vllm"], catalog, requests, args.validity, seed=1, progress=progress)
+        validity(recs["vllm"], catalog, requests, args.validity, seed=args.validity_seed, progress=progress)
     if "vllm" in backends and args.grid:
         result["grid"] = grid(backends["vllm"], recs["vllm"], requests, levels)
         save()
