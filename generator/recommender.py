@@ -315,7 +315,8 @@ class Recommender:
     def _retrieve_feasible(self, request: RetrievalRequest, cfg: GeneratorConfig) -> list[Candidate]:
         """The top n_candidates, widened with the best items of missing categories when the constraint needs it."""
         # one retrieval, wide enough for the widening below: retrieving again would score every signal again
-        wide = list(self.retriever.retrieve(request, max(cfg.n_candidates * 5, 200)))  # type: ignore[attr-defined]
+        wide_k = max(cfg.n_candidates * 5, 200)
+        wide = list(self.retriever.retrieve(request, wide_k))  # type: ignore[attr-defined]
         if len(wide) < cfg.k:
             raise ValueError(
                 f"only {len(wide)} candidates match this request, fewer than k={cfg.k}. Fix: relax the filters "
@@ -330,21 +331,12 @@ class Recommender:
 
         if feasible(cfg.constraint, cats(top), cfg.k) is None:
             return top
-        # swap in the best candidate of each unseen category, replacing the weakest of over-represented ones
-        have = set(cats(top))
-        extra = [c for c in wide[cfg.n_candidates :] if catalog[c.item_id].category_at(level) not in have]
-        seen_extra: dict[str, Candidate] = {}
-        for c in extra:
-            seen_extra.setdefault(catalog[c.item_id].category_at(level), c)
-        picked = list(top)
-        for c in seen_extra.values():
-            if feasible(cfg.constraint, cats(picked), cfg.k) is None:
-                break
-            counts: dict[str, int] = {}
-            for cat in cats(picked):
-                counts[cat] = counts.get(cat, 0) + 1
-            victim = max((i for i in range(len(picked) - 1, -1, -1)), key=lambda i: (counts[cats([picked[i]])[0]], i))
-            picked[victim] = c
+        picked = _widen(top, wide[cfg.n_candidates :], cats, cfg)
+        if feasible(cfg.constraint, cats(picked), cfg.k) is not None and len(wide) >= wide_k:
+            # rare: a category the rule needs is not among the widest list's items (one category per pick on a
+            # shop with few categories): look through every item the signals rank, once, before saying no
+            deep = list(self.retriever.retrieve(request, len(catalog)))  # type: ignore[attr-defined]
+            picked = _widen(top, deep[cfg.n_candidates :], cats, cfg)
         why = feasible(cfg.constraint, cats(picked), cfg.k)
         if why is not None:
             raise ValueError(f"the category constraint cannot be met for this request: {why}. Fix: relax it.")
@@ -743,3 +735,28 @@ def blend_scores(llm: np.ndarray, retrieval: np.ndarray, w: float) -> np.ndarray
 
 def _finite(x: float) -> float:
     return float(x) if math.isfinite(x) else -1e9
+
+
+def _widen(
+    top: Sequence[Candidate],
+    rest: Sequence[Candidate],
+    cats: Callable[[Sequence[Candidate]], list[str]],
+    cfg: GeneratorConfig,
+) -> list[Candidate]:
+    """`top` with the best candidate of each category it lacks (from `rest`, best first) swapped in for the weakest
+    of its most represented category, until the category rule can be met (or `rest` has no new category left)."""
+    have = set(cats(top))
+    seen_extra: dict[str, Candidate] = {}
+    for c, cat in zip(rest, cats(rest), strict=True):
+        if cat not in have:
+            seen_extra.setdefault(cat, c)
+    picked = list(top)
+    for c in seen_extra.values():
+        if feasible(cfg.constraint, cats(picked), cfg.k) is None:
+            break
+        counts: dict[str, int] = {}
+        for cat in cats(picked):
+            counts[cat] = counts.get(cat, 0) + 1
+        victim = max((i for i in range(len(picked) - 1, -1, -1)), key=lambda i: (counts[cats([picked[i]])[0]], i))
+        picked[victim] = c
+    return picked

@@ -117,6 +117,32 @@ def test_constraint_widens_candidates_or_says_why(parts):
         GeneratorConfig(k=5, constraint=CategoryConstraint(min_categories=6))
 
 
+class _CategoryLast:
+    """The real retriever's full ranking with every item of one category moved to the end: that category is
+    missing from any list shorter than the rest of the catalog."""
+
+    def __init__(self, retriever, catalog, category):
+        self.retriever, self.catalog, self.category = retriever, catalog, category
+
+    def retrieve(self, request, k):
+        full = self.retriever.retrieve(request, len(self.catalog))
+        last = [c for c in full if self.catalog[c.item_id].category_at(1) == self.category]
+        return ([c for c in full if c not in last] + last)[:k]
+
+
+def test_constraint_looks_past_the_wide_list_for_a_needed_category(parts):
+    catalog, hist, retriever = parts
+    request = _requests(hist, 1)[0]
+    rarest = min(
+        {it.category_at(1) for it in catalog.items}, key=lambda c: sum(it.category_at(1) == c for it in catalog.items)
+    )
+    shallow = _CategoryLast(retriever, catalog, rarest)
+    assert rarest not in {catalog[c.item_id].category_at(1) for c in shallow.retrieve(request, 200)}
+    cfg = GeneratorConfig(k=6, constraint=CategoryConstraint(max_per_category=1))  # the shop has 6 categories
+    out = Recommender(shallow, catalog, make_backend("fake")).recommend(request, cfg)
+    assert len({p.category for p in out.picks}) == 6 and rarest in {p.category for p in out.picks}
+
+
 def _assert_grounded(out, catalog, retriever, request, cfg, history_shown):
     """Every reason is a sentence generator.reasons proves for its pick; the checker confirms it unless it is
     the honest no-evidence sentence (only allowed when nothing else holds)."""
