@@ -1,5 +1,5 @@
-"""The store: the single source of truth for the catalog's items, the users' events, the served recommendations
-and the API keys, behind one interface with two backends.
+"""The store: the single source of truth for the catalog's items, the users' events, the served recommendations,
+the API keys and the chat conversations, behind one interface with two backends.
 
 `open_store(url)` picks the backend from the URL: a path, `sqlite:///path` or `:memory:` -> SQLite (the embedded
 default, retrieval/store_sqlite.py); `postgresql://...` -> PostgreSQL (several server processes or machines on one
@@ -40,6 +40,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "AddResult",
     "ApiKey",
+    "ConversationConflict",
+    "ConversationRecord",
     "IngestResult",
     "RecommendationLog",
     "Store",
@@ -49,8 +51,9 @@ __all__ = [
 ]
 
 # 1: items + events. 2: event ids, dedup keys and attribution; item versions and soft deletes; the
-# recommendation log; API keys. A version-1 file is migrated in place when it is first opened.
-SCHEMA_VERSION = 3
+# recommendation log; API keys. 3: the served list's latency. 4: chat conversations (every worker and replica
+# continues the same one). An older file is migrated in place when it is first opened.
+SCHEMA_VERSION = 4
 
 KEY_SCOPES = ("read", "write", "admin")
 Scope = Literal["read", "write", "admin"]
@@ -122,6 +125,23 @@ class RecommendationLog(_Frozen):
     )
 
 
+class ConversationRecord(_Frozen):
+    """A chat conversation as stored. The store keeps its state as an opaque JSON object: the chat layer owns it."""
+
+    id: str = Field(min_length=1, max_length=200, description="The conversation id the client sends back.")
+    user_id: str | None = Field(default=None, description="The pseudonymous user it personalises for, if any.")
+    state: dict[str, Any] = Field(default_factory=dict, description="The conversation state (JSON object).")
+    shown: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="recommendation_id -> item ids shown under it, oldest list first."
+    )
+    version: int = Field(default=0, ge=0, description="Bumped by every save; 0: never saved.")
+    updated_at: datetime | None = Field(default=None, description="When it was last saved (UTC).")
+
+
+class ConversationConflict(StoreError):
+    """Another turn of the same conversation was saved since this one read it (another worker or replica)."""
+
+
 class ApiKey(_Frozen):
     """An API key as the store knows it: never the secret, which is shown once by `create_key`."""
 
@@ -161,6 +181,7 @@ _REC_COLUMNS = (
     "id, created_at, endpoint, user_id, unit_id, items, mode, fallback, experiment, variant, request, latency_ms"
 )
 _KEY_COLUMNS = "id, name, scopes, created_at, revoked_at"
+_CONV_COLUMNS = "id, user_id, state, shown, version, updated_at"
 
 
 class Store(ABC):
@@ -464,6 +485,51 @@ class Store(ABC):
         return [_event_from(r) for _, r in sorted(rows, key=lambda x: x[0])]
 
     # -----------------------------------------------------------------------------------------------
+    # Chat conversations
+    # -----------------------------------------------------------------------------------------------
+
+    def conversation(self, conversation_id: str) -> ConversationRecord | None:
+        """One conversation by id; None when unknown or forgotten."""
+        with self._read() as cur:
+            row = cur.execute(f"SELECT {_CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        return _conv_from(row) if row else None
+
+    def save_conversation(self, record: ConversationRecord) -> ConversationRecord:
+        """Store `record` if the stored copy is still at `record.version` (0: not stored yet); returns it saved,
+        one version up. Raises `ConversationConflict` when another save came first: compare-and-set, so two
+        workers answering the same conversation at once cannot silently overwrite each other's turn."""
+        now = datetime.now(UTC)
+        state = json.dumps(record.state, ensure_ascii=False, sort_keys=True)
+        shown = json.dumps({k: list(v) for k, v in record.shown.items()})
+        new = record.version + 1
+        with self._write() as cur:
+            row = cur.execute("SELECT version FROM conversations WHERE id = ?", (record.id,)).fetchone()
+            stored = int(row[0]) if row else 0
+            if stored != record.version:
+                raise ConversationConflict(
+                    f"conversation {record.id!r} was saved by another turn meanwhile (version {stored}, this turn "
+                    f"read {record.version}). Fix: send the message again"
+                )
+            if row is None:
+                cur.execute(
+                    f"INSERT INTO conversations ({_CONV_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    (record.id, record.user_id, state, shown, new, _micros(now)),
+                )
+            else:
+                cur.execute(
+                    "UPDATE conversations SET user_id = ?, state = ?, shown = ?, version = ?, updated_at = ? "
+                    "WHERE id = ?",
+                    (record.user_id, state, shown, new, _micros(now), record.id),
+                )
+        return record.model_copy(update={"version": new, "updated_at": now})
+
+    def forget_conversations(self, idle_for: timedelta) -> int:
+        """Delete the conversations not saved for `idle_for`; returns how many."""
+        cutoff = _micros(datetime.now(UTC) - idle_for)
+        with self._write() as cur:
+            return cur.execute("DELETE FROM conversations WHERE updated_at < ?", (cutoff,)).rowcount
+
+    # -----------------------------------------------------------------------------------------------
     # API keys
     # -----------------------------------------------------------------------------------------------
 
@@ -723,6 +789,18 @@ def _rec_from(r: Sequence[Any]) -> RecommendationLog:
         variant=variant,
         request=json.loads(request),
         latency_ms=latency_ms,
+    )
+
+
+def _conv_from(r: Sequence[Any]) -> ConversationRecord:
+    conv_id, user_id, state, shown, version, updated = r
+    return ConversationRecord(
+        id=conv_id,
+        user_id=user_id,
+        state=json.loads(state),
+        shown={k: tuple(v) for k, v in json.loads(shown).items()},
+        version=version,
+        updated_at=_when(updated),
     )
 
 

@@ -84,7 +84,16 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked_at BIGINT,
     salt       TEXT NOT NULL,
     hash       TEXT NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id         TEXT PRIMARY KEY,
+    user_id    TEXT,
+    state      TEXT NOT NULL,
+    shown      TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversations_updated ON conversations (updated_at)
 """
 
 
@@ -217,8 +226,12 @@ class PostgresStore(Store):
                 for statement in (s for s in _SCHEMA.split(";") if s.strip()):
                     cur.execute(statement)
                 cur.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif version == 2:  # -> 3: the served list's latency (an experiment's guardrail)
-                cur.execute("ALTER TABLE recommendations ADD COLUMN IF NOT EXISTS latency_ms DOUBLE PRECISION")
+            elif version in (2, 3):
+                if version == 2:  # -> 3: the served list's latency (an experiment's guardrail)
+                    cur.execute("ALTER TABLE recommendations ADD COLUMN IF NOT EXISTS latency_ms DOUBLE PRECISION")
+                # -> 4: chat conversations (the CREATE statements are idempotent)
+                for statement in (s for s in _SCHEMA.split(";") if "conversations" in s):
+                    cur.execute(statement)
                 cur.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             elif version != SCHEMA_VERSION:
                 raise StoreError(

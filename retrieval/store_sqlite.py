@@ -112,6 +112,20 @@ ALTER TABLE recommendations ADD COLUMN latency_ms REAL
 """
 
 
+# Version 3 -> 4: chat conversations, so every worker and replica continues the same one.
+_MIGRATE_3_TO_4 = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id         TEXT PRIMARY KEY,
+    user_id    TEXT,
+    state      TEXT NOT NULL,             -- JSON object (the chat layer's ChatState)
+    shown      TEXT NOT NULL,             -- JSON object: recommendation_id -> item ids
+    version    INTEGER NOT NULL,          -- bumped by every save (compare-and-set)
+    updated_at INTEGER NOT NULL           -- microseconds since the epoch, UTC
+);
+CREATE INDEX IF NOT EXISTS conversations_updated ON conversations (updated_at)
+"""
+
+
 def _statements(script: str) -> list[str]:
     """A script's statements, one by one (executescript() would commit on its own), comments dropped."""
     text = re.sub(r"--[^\n]*", "", script)
@@ -302,12 +316,14 @@ class SQLiteStore(Store):
         with self._write() as cur:
             version, _ = self._version(cur)  # again under the lock: another process may have done it meanwhile
             if version is None:
-                for statement in _statements(_TABLES) + _statements(_V2) + _statements(_MIGRATE_2_TO_3):
+                new = _TABLES, _V2, _MIGRATE_2_TO_3, _MIGRATE_3_TO_4
+                for statement in [s for script in new for s in _statements(script)]:
                     cur.execute(statement)
                 cur.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif version in (1, 2):
+            elif version in (1, 2, 3):
                 steps = _statements(_MIGRATE_1_TO_2) + _statements(_V2) if version == 1 else []
-                for statement in steps + _statements(_MIGRATE_2_TO_3):
+                steps += _statements(_MIGRATE_2_TO_3) if version <= 2 else []
+                for statement in steps + _statements(_MIGRATE_3_TO_4):
                     cur.execute(statement)
                 cur.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             elif version != SCHEMA_VERSION:

@@ -26,6 +26,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def serve_in_thread(app: Any) -> tuple[str, Any]:
+    """Run an in-process `app` under uvicorn in a thread on a free loopback port: real HTTP to an app a test can
+    still reach into. Returns (base url, server); set `server.should_exit = True` to stop it."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the service failed to start (its log above says why)")
+        if time.monotonic() > deadline:
+            raise RuntimeError("the service did not start within 120 s")
+        time.sleep(0.1)
+    return f"http://127.0.0.1:{server.config.port}", server
+
+
 def tiny_shop(seed: int = 3) -> Any:
     """~200 items in 6 categories, 80 users: small enough to index in seconds, structured enough to recommend."""
     from retrieval.synthetic import SyntheticConfig, generate

@@ -115,3 +115,25 @@ def test_recommendation_log_and_keys_live_in_postgresql(
     headers = {"Authorization": f"Bearer {secret}"}
     r = httpx.post(a.url + "/v1/events", json={"events": [{"user_id": "u", "item_id": "P000001"}]}, headers=headers)
     assert r.status_code == 403  # a key made by one process is checked by every replica against the shared store
+
+
+def test_a_conversation_started_on_one_replica_continues_on_the_other(
+    replicas: tuple[Server, Server], pg_store: tuple[str, Any]
+) -> None:
+    """Conversations live in the shared store: "cheaper" on replica b reads the budget and cards a shown."""
+    a, b = replicas
+    _, store = pg_store
+    dept = tiny_shop().items[0].category[0]
+    first = httpx.post(a.url + "/v1/chat", json={"message": f"{dept} under 500"}, timeout=60).json()
+    cid, answer = first["conversation_id"], first["answer"]
+    assert answer["kind"] == "picks" and store.conversation(cid) is not None
+    second = httpx.post(b.url + "/v1/chat", json={"message": "cheaper", "conversation_id": cid}, timeout=60).json()
+    state = second["answer"]["state"]
+    assert second["conversation_id"] == cid and state["turns"] == 2 and state["max_price"] < 500
+    assert max(c["price"] for c in second["answer"]["cards"]) < max(c["price"] for c in answer["cards"])
+    # a click on a card a showed, sent to b: b knows what the conversation was shown
+    card = answer["cards"][0]["item_id"]
+    ev = {"conversation_id": cid, "recommendation_id": answer["recommendation_id"], "item_id": card, "type": "cart"}
+    assert httpx.post(b.url + "/v1/chat/events", json=ev, timeout=60).status_code == 200
+    third = httpx.post(a.url + "/v1/chat", json={"message": "show me more", "conversation_id": cid}, timeout=60)
+    assert card in third.json()["answer"]["state"]["cart"] and third.json()["answer"]["state"]["turns"] == 3

@@ -102,6 +102,68 @@ def test_client_edited_state_replaces_the_stored_one(client, small_shop):
     assert all(c["price"] <= 20.0 for c in again["answer"]["cards"])
 
 
+def _engine(client, small_shop):
+    """The app's chat engine (made by the first chat request)."""
+    client.post("/v1/chat", json={"message": f"{small_shop.items[0].category[0]} please"})
+    return client.app.state.chat_engine
+
+
+def test_first_cards_are_streamed_before_the_ranking_is_done(client, small_shop, monkeypatch):
+    """Over real HTTP (uvicorn on loopback; TestClient buffers a streamed body): the LLM stage is held until the
+    client has read the `cards` event, so the test fails if the server sends the stages together."""
+    import threading
+
+    import httpx
+
+    from tests.api_server import serve_in_thread
+
+    engine = _engine(client, small_shop)
+    cards_read, rank = threading.Event(), engine.rank
+
+    def held_rank(request, config):
+        assert cards_read.wait(30), "the cards event never reached the client while the ranking waited"
+        return rank(request, config)
+
+    monkeypatch.setattr(engine, "rank", held_rank)
+    base, server = serve_in_thread(client.app)
+    try:
+        body = {"message": f"{small_shop.items[0].category[0]} under 500", "stream": True}
+        headers = dict(client.headers)
+        events = []
+        with httpx.stream("POST", base + "/v1/chat", json=body, headers=headers, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    cards_read.set()
+        assert events == ["cards", "final"]
+    finally:
+        server.should_exit = True
+
+
+def test_a_turn_answered_meanwhile_elsewhere_is_a_409_not_a_lost_turn(client, small_shop, monkeypatch):
+    """Another worker saves a turn of this conversation while this one ranks: this turn is refused (409, and an
+    `error` event when streaming); the stored state is the other worker's."""
+    from retrieval.store import ConversationRecord
+
+    engine = _engine(client, small_shop)
+    dept = small_shop.items[0].category[0]
+    cid = client.post("/v1/chat", json={"message": f"{dept} under 500"}).json()["conversation_id"]
+    store, rank = client.shoprec_core.store, engine.rank  # type: ignore[attr-defined]
+
+    def elsewhere(request, config):
+        rec = store.conversation(cid)
+        store.save_conversation(rec.model_copy(update={"state": {**rec.state, "wanted": "other worker"}}))
+        return rank(request, config)
+
+    monkeypatch.setattr(engine, "rank", elsewhere)
+    r = client.post("/v1/chat", json={"message": "cheaper", "conversation_id": cid, "stream": False})
+    assert r.status_code == 409 and "conversation_id" in r.json()["detail"] and "again" in r.json()["detail"]
+    assert store.conversation(cid).state["wanted"] == "other worker"
+    streamed = _sse(client.post("/v1/chat", json={"message": "cheaper", "conversation_id": cid, "stream": True}).text)
+    assert [e for e, _ in streamed] == ["cards", "error"] and streamed[-1][1]["status"] == 409
+    assert isinstance(store.conversation(cid), ConversationRecord)
+
+
 def test_bad_requests_name_the_field(client):
     r = client.post("/v1/chat", json={"message": ""})
     assert r.status_code == 422 and "message" in r.text

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.api_server import serve_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -27,26 +26,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="Debian's chromium is not installed (make sysdeps)"),
 ]
-
-
-def serve(app) -> tuple[str, object]:
-    """Run `app` under uvicorn in a thread on a free loopback port; returns (base url, server)."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the service failed to start (its log above says why)")
-        if time.monotonic() > deadline:
-            raise RuntimeError("the service did not start within 120 s")
-        time.sleep(0.1)
-    return f"http://127.0.0.1:{port}", server
 
 
 def drive(base_url: str, turns: list[str], screenshot: Path | None = None, timeout_ms: int = 60_000) -> dict:
@@ -104,7 +83,7 @@ def test_shopper_session_in_chromium(tmp_path_factory, small_shop):
     items = [small_shop.items[0].model_copy(update={"title": "<img src=x onerror=alert(1)> Evil Lamp"})]
     core.store.ingest([*items, *small_shop.items[1:]], small_shop.interactions)
     core.build_index(log=lambda _m: None)
-    base, server = serve(create_app(settings))  # create_app includes the chat router
+    base, server = serve_in_thread(create_app(settings))  # create_app includes the chat router
     try:
         dept = small_shop.items[0].category[0]
         seen = drive(base, [t.format(first=f"{dept} under 1000") for t in TURNS])

@@ -119,11 +119,26 @@ def test_without_llm_the_first_cards_are_the_answer(small_shop, engine):
     assert [e.stage for e in events] == ["retrieval"]
 
 
-def test_conversation_store_is_bounded_and_expires():
-    store = Conversations(size=3, ttl_s=60)
-    ids = [store.get_or_create(None, None)[0] for _ in range(5)]
-    assert len(store) == 3 and store.get(ids[0]) is None and store.get(ids[-1]) is not None
-    expiring = Conversations(size=10, ttl_s=0.0)
-    cid, _ = expiring.get_or_create(None, None)
-    expiring.get_or_create(None, None)
-    assert expiring.get(cid) is None
+def test_conversations_persist_across_workers_and_expire(tmp_path):
+    """Two `Conversations` over one store file are two workers: what one saves the other continues; a turn saved
+    on a stale read is refused (never a silent overwrite); an idle conversation is gone."""
+    from retrieval.store import ConversationConflict, open_store
+
+    with open_store(tmp_path / "s.db") as store_a, open_store(tmp_path / "s.db") as store_b:
+        a, b = Conversations(store_a), Conversations(store_b)
+        conv = a.get_or_create(None, "u1")
+        conv.state = ChatState(wanted="tent", max_price=200.0, turns=1)
+        conv.shown["r1"] = ("i1", "i2")
+        a.save(conv)
+        seen = b.get(conv.id)
+        assert seen is not None and seen.state == conv.state and seen.shown == {"r1": ("i1", "i2")}
+        assert seen.user == "u1" and seen.version == conv.version == 1
+        stale = a.get(conv.id)
+        seen.state = seen.state.model_copy(update={"max_price": 150.0, "turns": 2})
+        b.save(seen)
+        with pytest.raises(ConversationConflict):
+            a.save(stale)
+        assert a.get(conv.id).state.max_price == 150.0
+        assert a.get_or_create("client-chosen-id", None).id == "client-chosen-id"  # unknown id: a new one under it
+        expiring = Conversations(store_a, ttl_s=0.0)
+        assert expiring.get(conv.id) is None  # idle past the TTL: forgotten, even before the sweep deletes it

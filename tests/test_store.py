@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 
 from retrieval.events import histories
-from retrieval.store import SCHEMA_VERSION, RecommendationLog, Store, StoreError, open_store
+from retrieval.store import (
+    SCHEMA_VERSION,
+    ConversationConflict,
+    ConversationRecord,
+    RecommendationLog,
+    Store,
+    StoreError,
+    open_store,
+)
 from retrieval.types import Interaction, InteractionType, Item
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -247,6 +255,40 @@ def test_recommendation_log(store: Store) -> None:
     click = ev("u", "i2", 3, type=InteractionType.VIEW, recommendation_id=a.id)
     store.add_events([click, ev("u", "i1", 4)])
     assert store.events_for_recommendations([a.id, b.id]) == [click]
+
+
+def test_conversations_round_trip_and_refuse_a_stale_save(store: Store) -> None:
+    """Two workers read version 1 of one conversation: the first save wins, the second is refused, not lost."""
+    assert store.conversation("c1") is None
+    state = {"wanted": "pens ☕", "max_price": 12.5, "brands": ["Inkwell"]}
+    saved = store.save_conversation(ConversationRecord(id="c1", user_id="u", state=state, shown={"r1": ("a", "b")}))
+    assert saved.version == 1 and store.conversation("c1") == saved
+    first = store.save_conversation(saved.model_copy(update={"state": {"wanted": "cheaper pens"}}))
+    with pytest.raises(ConversationConflict, match="send the message again"):
+        store.save_conversation(saved.model_copy(update={"state": {"wanted": "lost turn"}}))
+    assert store.conversation("c1") == first and first.version == 2 and first.state == {"wanted": "cheaper pens"}
+    with pytest.raises(ConversationConflict):  # a "new" conversation under an id that exists is a conflict too
+        store.save_conversation(ConversationRecord(id="c1"))
+
+
+def test_idle_conversations_are_forgotten(store: Store) -> None:
+    store.save_conversation(ConversationRecord(id="old"))
+    time.sleep(0.05)
+    fresh = store.save_conversation(ConversationRecord(id="fresh"))
+    assert store.forget_conversations(timedelta(seconds=0.02)) == 1
+    assert store.conversation("old") is None and store.conversation("fresh") == fresh
+
+
+def test_a_version_3_store_gains_the_conversations_table(url: str) -> None:
+    with open_store(url) as store:
+        old = RecommendationLog(endpoint="recommend", items=("a",), mode="score", created_at=T0, latency_ms=3.0)
+        store.log_recommendation(old)
+        with store._write() as cur:  # back to schema 3, as a store written by the previous shoprec looks
+            cur.execute("DROP TABLE conversations")
+            cur.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    with open_store(url, create=False) as store:
+        assert store.recommendation(old.id) == old
+        assert store.save_conversation(ConversationRecord(id="c")).version == 1
 
 
 def test_api_keys(store: Store, url: str) -> None:

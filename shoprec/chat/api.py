@@ -1,8 +1,9 @@
 """The chat over HTTP: `POST /v1/chat` (SSE streaming), `POST /v1/chat/events` (clicks, add-to-cart) and the page.
 
 `router` is included by the service (`create_app(settings, routers=[chat.api.router])`). A conversation lives
-server-side under its `conversation_id`, in a bounded store (least recently used out past `MAX_CONVERSATIONS`,
-expired after `TTL_S` idle); the client may send an edited `state` with a message, which replaces the stored one.
+server-side under its `conversation_id`, in the service's store (SQLite or PostgreSQL: every worker and replica
+continues the same conversation; deleted after `TTL_S` idle); the client may send an edited `state` with a
+message, which replaces the stored one.
 
 Streaming (`Accept: text/event-stream`, or `"stream": true`): Server-Sent Events, one per stage of the turn —
 ``event: cards`` (the state and the first cards, in retrieval order, as soon as retrieval has them), then
@@ -17,12 +18,15 @@ click or an add-to-cart (`/v1/chat/events`): only items the conversation was sho
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import time
 import uuid
-from collections import OrderedDict
+import weakref
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,8 +38,8 @@ from shoprec.auth import Principal, require_scope
 from shoprec.chat.state import ChatState
 from shoprec.chat.turn import ChatAnswer, ChatEngine
 
-MAX_CONVERSATIONS = 1000  # ~ a few KB each: bounded memory whatever the traffic
 TTL_S = 30 * 60.0  # a conversation idle this long is forgotten
+MAX_SHOWN = 50  # lists remembered per conversation, for click / add-to-cart attribution
 MAX_MESSAGE_CHARS = 500
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
@@ -76,49 +80,81 @@ class ChatEventIn(BaseModel):
     type: Literal["click", "cart"] = Field(description="What the shopper did.")
 
 
-class _Conversation:
-    def __init__(self, user: str | None) -> None:
-        self.user = user
-        self.state = ChatState()
-        self.shown: dict[str, tuple[str, ...]] = {}  # recommendation_id -> item ids shown
-        self.touched = time.monotonic()
-        self.lock = threading.Lock()  # one turn at a time per conversation
+@dataclass
+class Conversation:
+    """One conversation as a turn reads it from the store and saves it back."""
+
+    id: str
+    user: str | None
+    state: ChatState
+    shown: dict[str, tuple[str, ...]]  # recommendation_id -> item ids shown, oldest first (at most MAX_SHOWN)
+    version: int  # the stored version it was read at (0: new)
 
 
 class Conversations:
-    """A bounded, expiring map of conversation id -> conversation (thread-safe)."""
+    """Conversations in the service's store, so every worker and replica continues the same one.
 
-    def __init__(self, size: int = MAX_CONVERSATIONS, ttl_s: float = TTL_S) -> None:
-        self.size, self.ttl_s = size, ttl_s
-        self._items: OrderedDict[str, _Conversation] = OrderedDict()
-        self._lock = threading.Lock()
+    Turns of one conversation run one at a time in a process (a lock per id); across processes the store's
+    compare-and-set refuses the later of two concurrent turns (`ConversationConflict` -> 409) instead of losing
+    one. Conversations idle for `ttl_s` are deleted, at most once a minute per process."""
 
-    def get_or_create(self, conversation_id: str | None, user: str | None) -> tuple[str, _Conversation]:
+    def __init__(self, store: Any, ttl_s: float = TTL_S) -> None:
+        self.store, self.ttl_s = store, ttl_s
+        self._locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
+        self._guard = threading.Lock()
+        self._swept = 0.0
+
+    def lock(self, conversation_id: str) -> threading.Lock:
+        """The lock that serialises this conversation's turns in this process (dropped when nobody holds it)."""
+        with self._guard:
+            lock = self._locks.get(conversation_id)
+            if lock is None:
+                lock = self._locks[conversation_id] = threading.Lock()
+            return lock
+
+    def get(self, conversation_id: str) -> Conversation | None:
+        rec = self.store.conversation(conversation_id)
+        if rec is None or self._expired(rec):
+            return None
+        state = ChatState.model_validate(rec.state)
+        return Conversation(rec.id, rec.user_id, state, dict(rec.shown), rec.version)
+
+    def get_or_create(self, conversation_id: str | None, user: str | None) -> Conversation:
+        """The stored conversation, or a new one (under the given id when the client named one we do not know)."""
+        self._sweep()
+        conv = self.get(conversation_id) if conversation_id else None
+        if conv is None:
+            conv = Conversation(conversation_id or uuid.uuid4().hex, user, ChatState(), {}, 0)
+        return conv
+
+    def save(self, conv: Conversation) -> None:
+        """Store it (raises `ConversationConflict` when another process saved a turn since `conv` was read)."""
+        from retrieval.store import ConversationRecord
+
+        shown = dict(list(conv.shown.items())[-MAX_SHOWN:])
+        record = ConversationRecord(
+            id=conv.id,
+            user_id=conv.user,
+            state=conv.state.model_dump(mode="json"),
+            shown=shown,
+            version=conv.version,
+        )
+        saved = self.store.save_conversation(record)
+        conv.version, conv.shown = saved.version, shown
+
+    def _expired(self, rec: Any) -> bool:
+        return rec.updated_at is not None and (datetime.now(UTC) - rec.updated_at).total_seconds() > self.ttl_s
+
+    def _sweep(self) -> None:
         now = time.monotonic()
-        with self._lock:
-            for cid in [c for c, conv in self._items.items() if now - conv.touched > self.ttl_s]:
-                del self._items[cid]
-            conv = self._items.get(conversation_id) if conversation_id else None
-            if conv is None:
-                conversation_id = conversation_id or uuid.uuid4().hex
-                conv = _Conversation(user)
-                self._items[conversation_id] = conv
-            assert conversation_id is not None
-            conv.touched = now
-            self._items.move_to_end(conversation_id)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-            return conversation_id, conv
-
-    def get(self, conversation_id: str) -> _Conversation | None:
-        with self._lock:
-            return self._items.get(conversation_id)
-
-    def __len__(self) -> int:
-        return len(self._items)
+        if now - self._swept < 60.0:
+            return
+        self._swept = now
+        self.store.forget_conversations(timedelta(seconds=self.ttl_s))
 
 
 router = APIRouter(tags=["chat"])
+_SETUP_LOCK = threading.Lock()
 
 
 def _chat_parts(request: Request) -> tuple[ChatEngine, Conversations, Any]:
@@ -127,9 +163,10 @@ def _chat_parts(request: Request) -> tuple[ChatEngine, Conversations, Any]:
 
     state = get_state(request)
     app_state = request.app.state
-    if not hasattr(app_state, "chat_conversations"):
-        app_state.chat_conversations = Conversations()
-        app_state.chat_lock = threading.Lock()
+    with _SETUP_LOCK:
+        if not hasattr(app_state, "chat_conversations"):
+            app_state.chat_conversations = Conversations(state.store)
+            app_state.chat_lock = threading.Lock()
     with app_state.chat_lock:
         adapter = state.adapter_path(None)  # the served adapter: the same recommender (and model) as /v1/recommend
         rec = state.recommender(adapter, use_llm=True)
@@ -186,50 +223,65 @@ def _log(app_state: Any, answer: ChatAnswer, conv_id: str, user: str | None, mes
     )
 
 
-@router.post("/v1/chat", response_model=ChatOut)
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"description": "Another turn of this conversation was answered meanwhile: send it again."}
+}
+
+
+@router.post("/v1/chat", response_model=ChatOut, responses=_CONFLICT)
 def chat(body: ChatIn, request: Request, principal: Principal = Depends(require_scope("read"))) -> Any:
     """One turn of the conversation: the new state and picks (or one clarifying question)."""
+    from retrieval.store import ConversationConflict
+
     engine, conversations, app_state = _chat_parts(request)
-    conv_id, conv = conversations.get_or_create(body.conversation_id, body.user)
-    user = body.user or conv.user
-    if body.state is not None:
-        conv.state = body.state
     stream = body.stream if body.stream is not None else "text/event-stream" in request.headers.get("accept", "")
 
-    def turns() -> Iterator[ChatOut]:
-        with conv.lock:
-            last: ChatAnswer | None = None
-            for answer in engine.run(body.message, conv.state, user):
-                last = answer
-                yield ChatOut(conversation_id=conv_id, answer=answer)
-            assert last is not None
-            conv.state = last.state
-            if last.recommendation_id is not None:
-                conv.shown[last.recommendation_id] = tuple(c.item_id for c in last.cards)
-                while len(conv.shown) > 50:
-                    conv.shown.pop(next(iter(conv.shown)))
-                _log(app_state, last, conv_id, user, body.message)
+    def turns() -> Iterator[tuple[bool, ChatOut]]:
+        """(final?, answer) per stage, each as soon as the engine has it; the state is saved before the final."""
+        with conversations.lock(body.conversation_id) if body.conversation_id else _nothing():
+            conv = conversations.get_or_create(body.conversation_id, body.user)
+            conv.user = body.user or conv.user
+            if body.state is not None:
+                conv.state = body.state
+            for answer in engine.run(body.message, conv.state, conv.user):
+                if answer.stage == "retrieval" and engine.ranks:  # the first cards: the LLM's answer follows
+                    yield False, ChatOut(conversation_id=conv.id, answer=answer)
+                    continue
+                conv.state = answer.state
+                if answer.recommendation_id is not None:
+                    conv.shown[answer.recommendation_id] = tuple(c.item_id for c in answer.cards)
+                conversations.save(conv)  # before the final answer goes out: an answer means its state is stored
+                if answer.recommendation_id is not None:
+                    _log(app_state, answer, conv.id, conv.user, body.message)
+                yield True, ChatOut(conversation_id=conv.id, answer=answer)
+                return
 
     if not stream:
-        outs = list(turns())
-        return outs[-1]
+        try:
+            return [out for final, out in turns() if final][-1]
+        except ConversationConflict as e:
+            raise HTTPException(409, f"conversation_id: {e}") from None
 
     def sse() -> Iterator[str]:
-        outs = turns()
-        pending: ChatOut | None = None
-        for out in outs:  # every stage but the last is "cards"; the last is "final"
-            if pending is not None:
-                yield f"event: cards\ndata: {pending.model_dump_json()}\n\n"
-            pending = out
-        if pending is not None:
-            yield f"event: final\ndata: {pending.model_dump_json()}\n\n"
+        try:
+            for final, out in turns():  # each event is written as soon as its stage is ready
+                yield f"event: {'final' if final else 'cards'}\ndata: {out.model_dump_json()}\n\n"
+        except ConversationConflict as e:
+            detail = json.dumps({"status": 409, "detail": f"conversation_id: {e}"})
+            yield f"event: error\ndata: {detail}\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 @router.post("/v1/chat/events")
 def chat_event(body: ChatEventIn, request: Request, principal: Principal = Depends(require_scope("read"))) -> Any:
     """A click or add-to-cart on a card the conversation was shown, stored as an event with its recommendation_id."""
+    from retrieval.store import ConversationConflict
     from retrieval.types import Interaction, InteractionType
 
     _, conversations, app_state = _chat_parts(request)
@@ -254,8 +306,18 @@ def chat_event(body: ChatEventIn, request: Request, principal: Principal = Depen
     elif hasattr(live, "apply_events"):
         live.apply_events([event])
     if body.type == "cart":
-        with conv.lock:
-            conv.state = conv.state.model_copy(update={"cart": tuple(dict.fromkeys([*conv.state.cart, body.item_id]))})
+        with conversations.lock(conv.id):
+            for _ in range(3):  # adding to the cart commutes with any turn: re-read and retry on a conflict
+                fresh = conversations.get(conv.id) or conv
+                cart = tuple(dict.fromkeys([*fresh.state.cart, body.item_id]))
+                fresh.state = fresh.state.model_copy(update={"cart": cart})
+                try:
+                    conversations.save(fresh)
+                    break
+                except ConversationConflict:
+                    continue
+            else:
+                raise HTTPException(409, "conversation_id: the conversation changed three times meanwhile; retry")
     return {"stored": int(getattr(result, "new", 1)), "user": user, "item_id": body.item_id, "type": body.type}
 
 

@@ -185,6 +185,11 @@ class ChatEngine:
         assert last is not None
         return last
 
+    @property
+    def ranks(self) -> bool:
+        """Whether a `retrieval`-stage answer is followed by the LLM's (`ranked`) one."""
+        return self.config.use_llm and self.recommender.backend is not None
+
     def run(self, message: str, state: ChatState | None = None, user: str | None = None) -> Iterator[ChatAnswer]:
         """Yield the answer as it improves: first cards in retrieval order, then the LLM's order and reasons."""
         t0 = time.perf_counter()
@@ -233,7 +238,7 @@ class ChatEngine:
             return
         state_first = self._shown(state, first)
         yield self._answer(state_first, first, rec_id, "retrieval", timings, None)
-        if not cfg.use_llm or self.recommender.backend is None:
+        if not self.ranks:
             return
         t4 = time.perf_counter()
         if self.rank is None:

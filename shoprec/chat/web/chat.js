@@ -126,9 +126,15 @@ async function ask(message) {
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
       const block = buffer.slice(0, cut);
       buffer = buffer.slice(cut + 2);
-      const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+      const lines = block.split("\n");
+      const event = (lines.find((l) => l.startsWith("event: ")) || "event: final").slice(7);
+      const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
       if (!data) continue;
       const out = JSON.parse(data);
+      if (event === "error") {  // e.g. 409: another tab answered a turn of this conversation meanwhile
+        node.textContent = "error: " + (out.detail || out.status);
+        return;
+      }
       conversationId = out.conversation_id;
       render(node, out.answer);
     }
