@@ -109,6 +109,11 @@ bench-scale: $(STAMP)
 bench-ab: $(STAMP)
 	$(BIN)/python -m eval.bench.ab_sim --out eval/results/ab_sim.json
 
+# The chat protocol (docs/chat.md) on the demo shop, ml-100k and Office in one command: raw-text search vs the parsed
+# state vs the whole turn, same users; ~15 min per dataset at 150 users on 1 thread of this box.
+bench-chat: $(STAMP)
+	$(BIN)/shoprec eval --protocol chat --data demo,ml-100k,office --users 150
+
 # Peak memory and time of `shoprec ingest` on 1M events, ingested twice (issue 12: < 1 GB; the second adds 0); ~4 min.
 bench-ingest: $(STAMP)
 	$(BIN)/python -m eval.bench.ingest_memory --events 1000000 --reingest --out eval/results/ingest_memory.json

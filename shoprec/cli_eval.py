@@ -39,7 +39,11 @@ def _log(quiet: bool) -> Callable[[str], None]:
 
 
 def eval_command(
-    data: str = typer.Option("demo", "--data", help="'demo', ml-100k, office (../shared/data) or a dataset folder."),
+    data: str = typer.Option(
+        "demo",
+        "--data",
+        help="'demo', ml-100k, office (../shared/data) or a dataset folder; --protocol chat takes a comma list.",
+    ),
     protocol: str = typer.Option(
         "full", "--protocol", help="Candidates: full | sampled | retrieved; or chat (eval/chat_protocol.py)."
     ),
@@ -70,9 +74,14 @@ def eval_command(
         from eval.chat_protocol import print_conversations, run_conversations, write_result
 
         _threads(threads)
-        conv = run_conversations(data, users or 200, seed, log=_log(as_json))
-        write_result(out or Path("eval/results") / f"chat-{Path(data).name}.json", conv)
-        print_conversations(conv)
+        names = [d.strip() for d in data.split(",") if d.strip()]  # "demo,ml-100k,office": one run after another
+        if out is not None and len(names) > 1:
+            raise ValueError("--out names one file; with several --data values the results go to "
+                             "eval/results/chat-<data>.json. Fix: drop --out or pass one dataset")  # fmt: skip
+        for name in names:
+            conv = run_conversations(name, users or 200, seed, log=_log(as_json))
+            write_result(out or Path("eval/results") / f"chat-{Path(name).name}.json", conv)
+            print_conversations(conv)
         return
     from eval.harness import load_configs, run, write_json
     from eval.report_eval import html, markdown, plot_curve
