@@ -86,6 +86,21 @@ def test_brands_and_negation(parser):
     assert parser.parse("not the brand of the second one", SHOWN).excluded_brands == ["Zentro"]
 
 
+def test_brands_with_punctuation_are_found_as_typed():
+    """Real catalogs (Amazon Office) have brands like "LW Measurements, LLC": the comma must not hide the brand
+    from "skip LW Measurements, LLC" (the chat protocol showed such a brand after the shopper excluded it)."""
+    items = [
+        Item(id="a", title="Postal Scale", category=("Office", "Scales"), brand="LW Measurements, LLC"),
+        Item(id="b", title="Ballpoint Pen", category=("Office", "Pens"), brand="A.T. Cross"),
+        Item(id="c", title="Digital Scale", category=("Office", "Scales"), brand="My Weigh"),
+    ]
+    p = Parser(CatalogVocab(items))
+    assert p.parse("skip LW Measurements, LLC").excluded_brands == ["LW Measurements, LLC"]
+    assert p.parse("no lw measurements llc please").excluded_brands == ["LW Measurements, LLC"]
+    assert p.parse("a pen by A.T. Cross").brands == ["A.T. Cross"]
+    assert p.parse("scales, not My Weigh").excluded_brands == ["My Weigh"]
+
+
 def test_ordinals_references_rejections_cart(parser):
     assert parser.parse("more like the second one", SHOWN).references == ["2"]
     assert parser.parse("not the last one", SHOWN).rejected == ["5"]

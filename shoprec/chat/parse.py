@@ -195,6 +195,12 @@ class CatalogVocab:
             if all(p == shortest or p.startswith(shortest + " > ") for p in paths):
                 self.categories[name] = shortest
         self.brands = brands  # normalised -> as written in the catalog
+        # a brand's words with any punctuation or spaces between them: "LW Measurements, LLC" and "A.T. Cross" are
+        # found as typed ("lw measurements, llc", "a.t. cross") and without the punctuation
+        self.brand_patterns = [
+            (re.compile(r"(?<![\w])" + r"[^\w&']+".join(map(re.escape, norm.split())) + r"(?![\w])"), brand)
+            for norm, brand in brands.items()
+        ]
         self.attributes = {v: kv for v, kv in attrs.items() if v not in attr_conflicts}
         self.words = frozenset(words)
         self.departments = tuple(sorted(departments))
@@ -439,8 +445,8 @@ class Parser:
     def _brands(self, text: str, message: str, state: ChatState, out: Parsed) -> str:
         low = text.lower()
         spans: list[tuple[int, int, str]] = []
-        for norm, brand in self.vocab.brands.items():
-            for m in re.finditer(rf"(?<![\w]){re.escape(norm)}(?![\w])", low):
+        for pattern, brand in self.vocab.brand_patterns:
+            for m in pattern.finditer(low):
                 spans.append((m.start(), m.end(), brand))
         covered = [(s, e) for s, e, _ in spans]
         for m in re.finditer(r"[a-z][a-z'\-]{4,}", low):  # typos of single-word brands
