@@ -95,7 +95,8 @@ def test_brands_with_punctuation_are_found_as_typed():
         Item(id="c", title="Digital Scale", category=("Office", "Scales"), brand="My Weigh"),
     ]
     p = Parser(CatalogVocab(items))
-    assert p.parse("skip LW Measurements, LLC").excluded_brands == ["LW Measurements, LLC"]
+    out = p.parse("skip LW Measurements, LLC")
+    assert out.excluded_brands == ["LW Measurements, LLC"] and out.wanted == ""  # "skip" is not a wish
     assert p.parse("no lw measurements llc please").excluded_brands == ["LW Measurements, LLC"]
     assert p.parse("a pen by A.T. Cross").brands == ["A.T. Cross"]
     assert p.parse("scales, not My Weigh").excluded_brands == ["My Weigh"]

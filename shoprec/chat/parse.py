@@ -152,7 +152,8 @@ _STOP = frozenset(
         "mom", "mum", "son", "daughter", "friend", "wife", "husband", "kid", "kids", "boy", "girl", "someone", "likes",
         "loves", "enjoys", "add", "remove", "hide", "cart", "basket", "instead", "else", "other", "another", "again",
         "too", "only", "except", "without", "avoid", "nothing", "brand", "brands", "ideally", "preferably", "if",
-        "have", "got", "idea", "searching", "help", "possible", "made",
+        "have", "got", "idea", "searching", "help", "possible", "made", "skip", "exclude", "excluding", "never", "non",
+        "dont", "don't",
     )
 )  # fmt: skip
 
