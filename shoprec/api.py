@@ -253,17 +253,21 @@ class SearchOut(_Strict):
 
 
 _WIDE_K = 200  # the recommender's widest retrieval (generator.recommender: _retrieve_feasible)
+_Evidence = tuple[tuple[str, int, float], ...]  # a candidate's (signal, rank, score) per signal
 
 
 class _RememberingRetriever:
     """The live index, remembering the candidates of recent requests: a pick's `signals` come from them.
 
     The recommender returns picks without the retrieval evidence; asking the index again would double the work.
+    The evidence is kept as plain tuples and handed over once (`evidence` removes it): a bounded map of recent
+    requests' Candidate objects (2,048 x 200 candidates, ~3M objects) made every full GC pass take 0.5 s with the
+    GIL held, and stalled every request in flight (the load benchmark's p99 at 16 clients).
     """
 
-    def __init__(self, index: Any, size: int = 2048) -> None:
+    def __init__(self, index: Any, size: int = 256) -> None:
         self.index = index
-        self._seen: OrderedDict[RetrievalRequest, list[Candidate]] = OrderedDict()
+        self._seen: OrderedDict[RetrievalRequest, dict[str, _Evidence]] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -290,16 +294,18 @@ class _RememberingRetriever:
         if prefix_safe:
             self._local.last = (request, fetch, out)
             out = out[:k]
+        kept = {c.item_id: tuple((n, e.rank, e.score) for n, e in c.sources.items()) for c in out}
         with self._lock:
-            self._seen[request] = out
+            self._seen[request] = kept
             self._seen.move_to_end(request)
             while len(self._seen) > self._size:
                 self._seen.popitem(last=False)
         return out
 
-    def evidence(self, request: RetrievalRequest) -> dict[str, Candidate]:
+    def evidence(self, request: RetrievalRequest) -> dict[str, _Evidence]:
+        """item id -> (signal, rank, score) per signal, for the candidates `request` retrieved; read once."""
         with self._lock:
-            return {c.item_id: c for c in self._seen.get(request, ())}
+            return self._seen.pop(request, {})
 
 
 @dataclass
@@ -495,8 +501,7 @@ def _pick_rows(state: AppState, request: RetrievalRequest, rec: Recommendation) 
     rows = []
     for p in rec.picks:
         item = catalog[p.item_id]
-        cand = evidence.get(p.item_id)
-        signals = {n: Signal(rank=e.rank, score=round(e.score, 6)) for n, e in cand.sources.items()} if cand else {}
+        signals = {n: Signal(rank=rank, score=round(score, 6)) for n, rank, score in evidence.get(p.item_id, ())}
         rows.append(
             PickOut(
                 rank=p.rank,
@@ -585,8 +590,8 @@ async def _on_cpu(state: AppState, fn: Callable[..., _T], *args: Any) -> _T:
     """Run a request's CPU work (retrieval, fusion, logging) on the process's `cpu_threads` threads.
 
     Why not the default pool (40 threads): CPU-bound Python threads only take turns at the GIL, and 16 of them
-    thrash (switches, cache misses) where 2 queue in the event loop and finish sooner: measured on the 2-core box
-    at 16 clients, 40 threads gave 65 requests/s (p50 222 ms), 2 threads 89 (p50 137 ms)."""
+    thrash (switches, cache misses) where 2 queue in the event loop and finish sooner: on the 2-core box at 16
+    clients, 40 threads gave 56 requests/s (p50 227 ms), 2 threads 71 (p50 155 ms; eval/results/load-*.json)."""
     return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=state.cpu)
 
 

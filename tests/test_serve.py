@@ -212,3 +212,43 @@ def test_scopes_imply_the_lesser_ones_and_unknown_ones_are_named() -> None:
     assert LOCAL_DEV.allows("admin")
     with pytest.raises(ValueError, match="unknown scope.*root.*valid scopes: read, write, admin"):
         validate_scopes(["read", "root"])
+
+
+class _Index:
+    """200 candidates with evidence from two signals for any request, like the live index."""
+
+    catalog = None
+
+    def retrieve(self, request: RetrievalRequest, k: int) -> list:
+        from retrieval.types import Candidate, SignalEvidence
+
+        return [
+            Candidate(
+                item_id=f"i{j}",
+                score=1.0 / (j + 1),
+                sources={"bm25": SignalEvidence(rank=j + 1, score=2.0), "dense": SignalEvidence(rank=j + 2, score=0.5)},
+            )
+            for j in range(k)
+        ]
+
+
+def test_pick_evidence_is_handed_over_once_and_holds_no_objects_for_the_gc() -> None:
+    """The service remembers each request's retrieval evidence until its picks are built. It once kept the last
+    2,048 requests' Candidate objects (~3M objects): every full GC pass then took ~0.5 s with the GIL held and
+    stalled all requests in flight. Now: read once (then gone), bounded, and plain tuples only."""
+    import gc
+
+    from shoprec.api import _RememberingRetriever
+
+    remembering = _RememberingRetriever(_Index(), size=8)
+    requests = [RetrievalRequest(user_id=f"u{n}") for n in range(20)]
+    for r in requests:
+        remembering.retrieve(r, 5)
+    assert remembering.evidence(requests[0]) == {}  # the oldest fell out of the bound
+    got = remembering.evidence(requests[-1])
+    assert got["i0"] == (("bm25", 1, 2.0), ("dense", 2, 0.5)) and len(got) == 5
+    assert remembering.evidence(requests[-1]) == {}  # handed over once
+    gc.collect()  # tuples of plain values are untracked by the collector: the inner ones, then their holders
+    gc.collect()
+    held = list(remembering._seen.values())
+    assert held and not any(gc.is_tracked(ev) for per_request in held for ev in per_request.values())
