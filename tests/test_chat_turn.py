@@ -142,3 +142,47 @@ def test_conversations_persist_across_workers_and_expire(tmp_path):
         assert a.get_or_create("client-chosen-id", None).id == "client-chosen-id"  # unknown id: a new one under it
         expiring = Conversations(store_a, ttl_s=0.0)
         assert expiring.get(conv.id) is None  # idle past the TTL: forgotten, even before the sweep deletes it
+
+
+class _LetterBiased:
+    """A stand-in model that prefers the letter B whatever it labels (a small model's position bias) and, much
+    more weakly, the option that really fits: 'Toys'."""
+
+    class tokenizer:  # noqa: N801 - the attribute name the backends use
+        @staticmethod
+        def chat_template(messages):
+            return "\n".join(m["content"] for m in messages)
+
+    def __init__(self):
+        self.calls = 0
+
+    def label_logprobs(self, prompts, label_sets):
+        self.calls += 1
+        out = []
+        for prompt, labs in zip(prompts, label_sets, strict=True):
+            lines = {line[1]: line[4:] for line in prompt.splitlines() if line.startswith("(") and line[2] == ")"}
+            out.append([(2.0 if lab == "B" else 0.0) + (0.5 if lines.get(lab) == "Toys" else 0.0) for lab in labs])
+        return out
+
+
+def test_rotating_the_options_cancels_a_letter_preference():
+    from shoprec.chat.understand import choose
+
+    model = _LetterBiased()
+    options = ["Books", "Garden", "Toys", "Baby"]
+    assert choose(model, "a present for a 7 year old", options).value == "Garden"  # whatever sits at B
+    rotated = choose(model, "a present for a 7 year old", options, rotations=len(options))
+    assert rotated.value == "Toys" and model.calls == 2  # every rotation in one scoring call
+    assert abs(sum(rotated.probabilities.values()) - 1) < 1e-6
+
+
+def test_the_llm_does_not_pick_the_department_unless_asked_to(small_shop, engine):
+    """Measured (eval/chat_departments.py): the 135M model's department pick is worse than retrieval's majority,
+    so by default a broad request gets the clarifying question and the model is not consulted."""
+    model = _LetterBiased()
+    rec = Recommender(engine.recommender.retriever, engine.catalog, model)  # type: ignore[arg-type]
+    default = ChatEngine(engine.catalog, rec, config=ChatConfig())
+    assert default.answer("something red").kind == "question" and model.calls == 0
+    asked = ChatEngine(engine.catalog, rec, config=ChatConfig(llm_department=True, min_confidence=0.01))
+    answer = next(asked.run("something red", ChatState()))
+    assert model.calls == 1 and answer.kind != "question" and answer.state.category is not None

@@ -33,21 +33,35 @@ class Choice:
     probabilities: dict[str, float]
 
 
-def choose(backend: Backend, message: str, options: Sequence[str], *, what: str = "department") -> Choice | None:
-    """Ask the model which of `options` the message is about. None with fewer than 2 options (nothing to choose)."""
+def choose(
+    backend: Backend, message: str, options: Sequence[str], *, what: str = "department", rotations: int = 1
+) -> Choice | None:
+    """Ask the model which of `options` the message is about. None with fewer than 2 options (nothing to choose).
+
+    `rotations` > 1 asks again with the options rotated (each option under each label once when it equals the
+    number of options) and averages each option's probability: a small model prefers some letters whatever they
+    stand for (LLMRank's position bias), and rotating cancels that preference. One batched scoring call."""
     options = list(dict.fromkeys(o for o in options if o))
     if len(options) < 2:
         return None
     labs = labels(len(options))
-    lines = "\n".join(f"({lab}) {sanitize(o, LIMITS['category'])}" for lab, o in zip(labs, options, strict=True))
-    user = f"Shopper's message: {sanitize(message, LIMITS['query'])}\nWhich {what}?\n{lines}"
-    prompt = backend.tokenizer.chat_template(
-        [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
-    )
-    (logp,) = backend.label_logprobs([prompt + "Answer: ("], [labs])
-    logp = np.asarray(logp, dtype=np.float64)
-    p = np.exp(logp - logp.max())
-    p /= p.sum()
+    orders = [options[r:] + options[:r] for r in range(min(max(rotations, 1), len(options)))]
+    prompts = []
+    for order in orders:
+        lines = "\n".join(f"({lab}) {sanitize(o, LIMITS['category'])}" for lab, o in zip(labs, order, strict=True))
+        user = f"Shopper's message: {sanitize(message, LIMITS['query'])}\nWhich {what}?\n{lines}"
+        prompt = backend.tokenizer.chat_template(
+            [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
+        )
+        prompts.append(prompt + "Answer: (")
+    total = np.zeros(len(options))
+    for order, logp in zip(orders, backend.label_logprobs(prompts, [labs] * len(orders)), strict=True):
+        lp = np.asarray(logp, dtype=np.float64)
+        q = np.exp(lp - lp.max())
+        q /= q.sum()
+        for o, x in zip(order, q, strict=True):
+            total[options.index(o)] += x
+    p = total / len(orders)
     best = int(np.argmax(p))
     return Choice(
         value=options[best],

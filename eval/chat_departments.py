@@ -1,0 +1,152 @@
+"""Does the LLM understand a vague shopping request? The department of requests that name no category.
+
+    python -m eval.chat_departments --home var/demo [--out eval/results/chat-departments.json]
+
+The set (eval/data/chat_broad_requests.jsonl, 80 requests written for the demo shop, 4 per department, before any
+measurement) describes a need without the catalog's category words ("we just adopted a puppy", "training for my
+first marathon"). For each request, the chat turn's probe (the fused retrieval of the message, 20 candidates, no
+user) gives the candidate departments, and each system names one department:
+
+- ``retrieval-top1``: the department of the first candidate;
+- ``retrieval-majority``: the most frequent department among the 20 candidates;
+- ``llm``: the model's pick among the candidates' departments (at most 8, most frequent first), by one-pass
+  label scoring (shoprec/chat/understand.py: it can only answer one of the options), with and without the
+  served adapter; its confidence decides in the turn (>= 0.6 takes the department, else the turn may ask).
+
+Reported: accuracy (95% bootstrap CI) of each, the paired difference llm - retrieval-majority, the share of
+requests whose department is among the options at all (the ceiling of every system here), the LLM's
+precision and coverage at the turn's confidence threshold, and what the deterministic parsers make of each
+request (a category, "off-topic", or nothing: the cases where the turn relies on retrieval and the LLM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SET = Path(__file__).resolve().parent / "data" / "chat_broad_requests.jsonl"
+
+
+def load_set(path: Path = SET) -> list[dict[str, str]]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not row.get("message") or not row.get("department"):
+            raise ValueError(f"{path}:{n}: each line needs 'message' and 'department'. Fix: add the missing field")
+        rows.append(row)
+    return rows
+
+
+def run(home: Path, threads: int = 2, log: Any = print) -> dict[str, Any]:
+    import torch
+
+    from eval.metrics import bootstrap_ci
+    from retrieval.types import RetrievalRequest
+    from shoprec.chat.parse import CatalogVocab, Parser
+    from shoprec.chat.turn import ChatConfig
+    from shoprec.chat.understand import choose
+    from shoprec.config import Settings
+    from shoprec.demo import demo_adapter
+    from shoprec.service import Shoprec
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    svc = Shoprec(Settings(home=home))
+    catalog, retriever = svc.catalog, svc.recommender(use_llm=False).retriever
+    parser = Parser(CatalogVocab(catalog.items))
+    cfg = ChatConfig()
+    adapter = demo_adapter()
+    backends: dict[str, Any] = {"llm": svc.backend_for(None)}
+    if adapter is not None:
+        backends["llm-adapter"] = svc.backend_for(str(adapter))
+    rows = load_set()
+    departments = sorted({it.category_at(1) for it in catalog.items})
+    unknown = sorted({r["department"] for r in rows} - set(departments))
+    if unknown:
+        raise ValueError(f"{SET}: departments {unknown} are not in the catalog at {home}. Fix: use {departments}")
+    results = []
+    for n, row in enumerate(rows, start=1):
+        msg, gold = row["message"], row["department"]
+        parsed = parser.parse(msg)
+        parse_outcome = "category" if parsed.category else ("off-topic" if parsed.off_topic else "none")
+        probe = retriever.retrieve(RetrievalRequest(query=msg), cfg.n_candidates)
+        counts = Counter(catalog[c.item_id].category_at(1) for c in probe)
+        options = [d for d, _ in counts.most_common(8)]
+        out: dict[str, Any] = {
+            "message": msg,
+            "department": gold,
+            "parser": parse_outcome,
+            "parser_category": parsed.category,
+            "options": options,
+            "in_options": gold in options,
+            "retrieval-top1": catalog[probe[0].item_id].category_at(1) if probe else None,
+            "retrieval-majority": options[0] if options else None,
+        }
+        for name, backend in backends.items():
+            for suffix, rotations in (("", 1), ("-rotated", len(options))):
+                choice = choose(backend, msg, options, rotations=rotations) if len(options) >= 2 else None
+                out[name + suffix] = choice.value if choice else (options[0] if options else None)
+                out[f"{name}{suffix}_confidence"] = round(choice.confidence, 4) if choice else 1.0
+        results.append(out)
+        if n % 20 == 0:
+            log(f"  {n}/{len(rows)} requests, {time.perf_counter() - t0:.0f}s")
+    llms = [name + suffix for name in backends for suffix in ("", "-rotated")]
+    systems = ["retrieval-top1", "retrieval-majority", *llms]
+    correct = {s: np.array([float(r[s] == r["department"]) for r in results]) for s in systems}
+    summary: dict[str, Any] = {
+        "home": str(home),
+        "requests": len(results),
+        "departments": len(departments),
+        "adapter": str(adapter) if adapter else None,
+        "in_options": round(float(np.mean([r["in_options"] for r in results])), 4),
+        "parser": dict(Counter(r["parser"] for r in results)),
+        "parser_category_right": sum(
+            1 for r in results if r["parser_category"] and r["parser_category"].split(" > ")[0] == r["department"]
+        ),
+        "accuracy": {s: [round(x, 4) for x in bootstrap_ci(correct[s])] for s in systems},
+        "paired_vs_majority": {
+            s: [round(x, 4) for x in bootstrap_ci(correct[s] - correct["retrieval-majority"])] for s in llms
+        },
+        "at_threshold": {},
+        "seconds": round(time.perf_counter() - t0, 1),
+        "per_request": results,
+    }
+    for name in llms:
+        conf = np.array([r[f"{name}_confidence"] for r in results])
+        sure = conf >= cfg.min_confidence
+        summary["at_threshold"][name] = {
+            "threshold": cfg.min_confidence,
+            "coverage": round(float(sure.mean()), 4),
+            "precision": round(float(correct[name][sure].mean()), 4) if sure.any() else None,
+            "majority_precision_same_requests": round(float(correct["retrieval-majority"][sure].mean()), 4)
+            if sure.any()
+            else None,
+        }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--home", type=Path, default=Path("var/demo"), help="A built demo home (shoprec demo).")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("eval/results/chat-departments.json"))
+    args = ap.parse_args(argv)
+    result = run(args.home, args.threads)
+    print(json.dumps({k: v for k, v in result.items() if k != "per_request"}, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
