@@ -1,6 +1,7 @@
-"""Does the LLM understand a vague shopping request? The department of requests that name no category.
+"""Vague shopping requests: does the LLM find their department, and does the turn answer them at all?
 
     python -m eval.chat_departments --home var/demo [--out eval/results/chat-departments.json]
+    python -m eval.chat_departments --gate --home var/demo [--out eval/results/chat-gate.json]
 
 The set (eval/data/chat_broad_requests.jsonl, 80 requests written for the demo shop, 4 per department, before any
 measurement) describes a need without the catalog's category words ("we just adopted a puppy", "training for my
@@ -17,6 +18,13 @@ Reported: accuracy (95% bootstrap CI) of each, the paired difference llm - retri
 requests whose department is among the options at all (the ceiling of every system here), the LLM's
 precision and coverage at the turn's confidence threshold, and what the deterministic parsers make of each
 request (a category, "off-topic", or nothing: the cases where the turn relies on retrieval and the LLM).
+
+``--gate``: the turn's off-topic decision. A first message with no slot gets the help answer when its best
+candidate's dense similarity is below `ChatConfig.min_similarity`. Measured on the 80 vague shopping requests
+(must be answered) and 40 off-topic ones (eval/data/chat_offtopic_requests.jsonl, written for the project: must
+get the help answer), each set split by line parity: the threshold is chosen on the even lines (dev) as the
+one that answers the most shopping requests while refusing at least 80% of the off-topic ones, then measured
+once on the odd lines (test), against the parsers' vocabulary rule the turn used before.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from typing import Any
 import numpy as np
 
 SET = Path(__file__).resolve().parent / "data" / "chat_broad_requests.jsonl"
+OFF_TOPIC = Path(__file__).resolve().parent / "data" / "chat_offtopic_requests.jsonl"
+THRESHOLDS = (0.0, 0.2, 0.22, 0.24, 0.26, 0.28, 0.3, 0.32, 0.34, 0.36, 0.38, 0.4)
 
 
 def load_set(path: Path = SET) -> list[dict[str, str]]:
@@ -133,13 +143,61 @@ def run(home: Path, threads: int = 2, log: Any = print) -> dict[str, Any]:
     return summary
 
 
+def run_gate(home: Path, log: Any = print) -> dict[str, Any]:
+    from shoprec.chat.state import ChatState
+    from shoprec.chat.turn import ChatConfig, ChatEngine
+    from shoprec.config import Settings
+    from shoprec.service import Shoprec
+
+    t0 = time.perf_counter()
+    svc = Shoprec(Settings(home=home))
+    rec = svc.recommender(use_llm=False)
+    shopping = [r["message"] for r in load_set()]
+    off_topic = [json.loads(line)["message"] for line in OFF_TOPIC.read_text(encoding="utf-8").splitlines() if line]
+
+    def answered(messages: list[str], tau: float | None) -> list[bool]:
+        if tau is None:  # the rule before: the parsers alone (none of the words in the catalog = off-topic)
+            engine = ChatEngine(svc.catalog, rec, config=ChatConfig(use_llm=False, min_similarity=0.0))
+            return [not (p.off_topic or p.unknown_words or p.injection) for p in map(engine.parser.parse, messages)]
+        engine = ChatEngine(svc.catalog, rec, config=ChatConfig(use_llm=False, min_similarity=tau))
+        return [engine.answer(m, ChatState()).kind != "help" for m in messages]
+
+    def rates(split: int, tau: float | None) -> dict[str, float]:
+        shop = [m for n, m in enumerate(shopping) if n % 2 == split]
+        off = [m for n, m in enumerate(off_topic) if n % 2 == split]
+        return {
+            "shopping_answered": round(float(np.mean(answered(shop, tau))), 4),
+            "off_topic_refused": round(float(np.mean([not a for a in answered(off, tau)])), 4),
+            "n_shopping": len(shop),
+            "n_off_topic": len(off),
+        }
+
+    dev = {tau: rates(0, tau) for tau in THRESHOLDS}
+    ok = [t for t in THRESHOLDS if dev[t]["off_topic_refused"] >= 0.8]
+    chosen = max(ok, key=lambda t: (dev[t]["shopping_answered"], -t)) if ok else max(THRESHOLDS)
+    log(f"chosen on dev: min_similarity {chosen}")
+    return {
+        "home": str(home),
+        "rule": "help when no slot and the best candidate's dense similarity < threshold",
+        "dev": {str(t): r for t, r in dev.items()},
+        "dev_vocabulary_rule": rates(0, None),
+        "chosen_threshold": chosen,
+        "test": rates(1, chosen),
+        "test_vocabulary_rule": rates(1, None),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--home", type=Path, default=Path("var/demo"), help="A built demo home (shoprec demo).")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("eval/results/chat-departments.json"))
+    ap.add_argument("--gate", action="store_true", help="Measure the turn's off-topic gate instead.")
+    ap.add_argument("--out", type=Path, default=None, help="Result JSON (default eval/results/chat-departments.json "
+                    "or chat-gate.json).")  # fmt: skip
     args = ap.parse_args(argv)
-    result = run(args.home, args.threads)
+    args.out = args.out or Path("eval/results") / ("chat-gate.json" if args.gate else "chat-departments.json")
+    result = run_gate(args.home) if args.gate else run(args.home, args.threads)
     print(json.dumps({k: v for k, v in result.items() if k != "per_request"}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

@@ -186,3 +186,26 @@ def test_the_llm_does_not_pick_the_department_unless_asked_to(small_shop, engine
     asked = ChatEngine(engine.catalog, rec, config=ChatConfig(llm_department=True, min_confidence=0.01))
     answer = next(asked.run("something red", ChatState()))
     assert model.calls == 1 and answer.kind != "question" and answer.state.category is not None
+
+
+def test_a_first_request_no_product_is_close_to_gets_the_help_answer(engine):
+    """The off-topic gate: a first message with no slot is answered only when the best candidate's dense
+    similarity reaches `min_similarity` (eval/chat_departments.py --gate chose 0.30 on a dev split)."""
+    from retrieval.types import Candidate, SignalEvidence
+
+    def probe(similarity):
+        item = engine.catalog.items[0].id
+        return [Candidate(item_id=item, score=1.0, sources={"dense": SignalEvidence(rank=1, score=similarity)})]
+
+    vague = engine.parser.parse("we just adopted a puppy")
+    assert not vague.anchored
+    assert engine._unrelated(ChatState(), vague, probe(0.12))  # nothing close: the help answer
+    assert not engine._unrelated(ChatState(), vague, probe(0.45))  # a product is close: a shopping request
+    assert not engine._unrelated(ChatState(wanted="tent"), vague, probe(0.12))  # a request under way: not judged
+    assert not engine._unrelated(ChatState(), engine.parser.parse("anything under 30"), probe(0.12))  # a slot
+    # without a dense signal (this shop's index has none) the parsers' hint decides: no word of the catalog
+    assert engine._unrelated(ChatState(), engine.parser.parse("zorblax quintessor"), [])
+    answer = engine.answer("zorblax quintessor")
+    assert answer.kind == "help" and answer.state.model_dump(exclude={"turns"}) == ChatState().model_dump(
+        exclude={"turns"}
+    )

@@ -103,6 +103,8 @@ class Parsed:
     wanted: str = ""
     injection: bool = False
     off_topic: bool = False
+    unknown_words: bool = False  # no slot, and none of its words is in the catalog (a hint of off-topic)
+    anchored: bool = False  # a slot or a relative cue ("cheaper"): the message refers to the catalog or the state
     reset: bool = False  # "start over"
 
     def slots(self) -> dict[str, object]:
@@ -331,10 +333,15 @@ class Parser:
         has_slot = any(v not in (None, [], {}, "") for v in out.slots().values()) or out.reset
         known = [w for w in words if _singular(w.lower()) in self.vocab.words]
         relative = _CHEAPER.search(text) or _PRICIER.search(text)
-        # off-topic: words, none of which the catalog knows ("capital of France"); a message of filler words only
-        # ("something nice") is a broad request instead, which the turn may answer with a question
-        if not has_slot and not relative and ((words and not known) or _OFF_TOPIC.search(text)):
+        # off-topic: a known off-topic form ("capital of France", "tell me a joke"). Words none of which the catalog
+        # knows are only a hint (`unknown_words`): "a nice perfume for my wife" is shopping in a shop whose titles
+        # say "Eau de Parfum"; the turn decides by how close the best product is (the dense similarity). A message
+        # of filler words only ("something nice") is a broad request, which the turn may answer with a question.
+        out.anchored = has_slot or bool(relative)
+        if not out.anchored and _OFF_TOPIC.search(text):
             out.off_topic = True
+        elif not out.anchored and words and not known:
+            out.unknown_words = True
         return out
 
     # prices -----------------------------------------------------------------------------------------------------

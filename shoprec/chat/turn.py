@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from generator.constraints import CategoryConstraint
 from generator.recommender import GeneratorConfig, Recommender
 from retrieval.catalog import Catalog
-from retrieval.types import Filters, RetrievalRequest
+from retrieval.types import Candidate, Filters, RetrievalRequest
 from shoprec.chat.parse import CatalogVocab, Parsed, Parser, apply
 from shoprec.chat.state import ChatState, ShownItem
 
@@ -99,6 +99,14 @@ class ChatConfig(BaseModel):
     )
     min_confidence: float = Field(
         default=0.6, gt=0, le=1, description="The LLM's department choice is used only at this probability or more."
+    )
+    min_similarity: float = Field(
+        default=0.30,
+        ge=0,
+        le=1,
+        description="A first request with no slot (no category, price, brand, ...) whose best candidate's dense "
+        "similarity is below this gets the help answer (off-topic, or nothing close in this shop). Chosen on the "
+        "dev half of 80 vague shopping and 40 off-topic requests (eval/chat_departments.py --gate).",
     )
 
 
@@ -211,6 +219,10 @@ class ChatEngine:
         t1 = time.perf_counter()
         probe = list(self.recommender.retriever.retrieve(request, cfg.n_candidates))  # type: ignore[attr-defined]
         timings["retrieve"] = _ms(t1)
+        if self._unrelated(before, parsed, probe):
+            unchanged = before.model_copy(update={"turns": before.turns + 1})
+            yield ChatAnswer(kind="help", text=HELP_TEXT, state=unchanged, timings_ms=timings)
+            return
         if not probe:
             yield ChatAnswer(kind="empty", text=_empty_text(state), state=state, timings_ms=timings)
             return
@@ -260,6 +272,19 @@ class ChatEngine:
         yield self._answer(self._shown(state, final), final, rec_id, "ranked", timings, final.fallback_reason)
 
     # -------------------------------------------------------------------------------- helpers
+    def _unrelated(self, before: ChatState, parsed: Parsed, probe: Sequence[Candidate]) -> bool:
+        """A request that no product answers: off-topic ("how tall is mount everest") or foreign to this shop.
+
+        Only a message that starts the request (nothing wished yet) and sets no slot is judged: the best
+        candidate's dense similarity to it must reach `min_similarity`. Without a dense signal, the parsers'
+        hint decides (none of its words is in the catalog)."""
+        if parsed.anchored or before.wanted or before.category or before.brands or before.reference_items:
+            return False
+        sims = [c.sources["dense"].score for c in probe if "dense" in c.sources]
+        if not sims:
+            return parsed.unknown_words or not probe
+        return max(sims) < self.config.min_similarity
+
     def _generator_config(self, state: ChatState) -> GeneratorConfig:
         """Score mode on the chat prompt; the diversity cap one level below the chosen category."""
         level = state.category.count(" > ") + 2 if state.category else 1
