@@ -1,5 +1,6 @@
-"""POST /v1/chat over the real service app (fake LLM backend): a 4-turn conversation, SSE stages, the bounded
-conversation store, click / add-to-cart events stored with their recommendation_id, and the page's escaping."""
+"""POST /v1/chat over the real service app (fake LLM backend): a 4-turn conversation, SSE stages (the first cards
+sent before the ranking is done, over real HTTP), conversations kept in the store with a 409 for a concurrent
+turn, click / add-to-cart events stored with their recommendation_id, and the page's escaping."""
 
 from __future__ import annotations
 
