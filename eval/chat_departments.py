@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.persist import atomic_write_json
+
 SET = Path(__file__).resolve().parent / "data" / "chat_broad_requests.jsonl"
 OFF_TOPIC = Path(__file__).resolve().parent / "data" / "chat_offtopic_requests.jsonl"
 THRESHOLDS = (0.0, 0.2, 0.22, 0.24, 0.26, 0.28, 0.3, 0.32, 0.34, 0.36, 0.38, 0.4)
@@ -200,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_gate(args.home) if args.gate else run(args.home, args.threads)
     print(json.dumps({k: v for k, v in result.items() if k != "per_request"}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(args.out)
+    atomic_write_json(args.out, result)  # a stopped run never leaves half a result file
     return 0
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.persist import atomic_write_json
+
 CONVERSATIONS = [
     ["wireless headphones under $80", "cheaper", "not that brand", "more like the second one"],
     ["a tent for camping", "under 150", "not the first one", "something cheaper"],
@@ -176,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     result = (run_http if args.http else run)(args.home, args.rounds, args.threads, args.conversations)
     print(json.dumps({k: v for k, v in result.items() if k != "turns"}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(args.out)
+    atomic_write_json(args.out, result)  # a stopped run never leaves half a result file
     return 0
 
 
