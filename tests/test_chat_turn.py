@@ -201,7 +201,9 @@ def test_a_first_request_no_product_is_close_to_gets_the_help_answer(engine):
     assert not vague.anchored
     assert engine._unrelated(ChatState(), vague, probe(0.12))  # nothing close: the help answer
     assert not engine._unrelated(ChatState(), vague, probe(0.45))  # a product is close: a shopping request
-    assert not engine._unrelated(ChatState(wanted="tent"), vague, probe(0.12))  # a request under way: not judged
+    # in a conversation under way the probe answers the state, not the message: the parsers' hint decides
+    assert not engine._unrelated(ChatState(wanted="tent"), engine.parser.parse("show me more"), probe(0.12))
+    assert engine._unrelated(ChatState(wanted="tent"), engine.parser.parse("zorblax quintessor"), probe(0.9))
     assert not engine._unrelated(ChatState(), engine.parser.parse("anything under 30"), probe(0.12))  # a slot
     # without a dense signal (this shop's index has none) the parsers' hint decides: no word of the catalog
     assert engine._unrelated(ChatState(), engine.parser.parse("zorblax quintessor"), [])

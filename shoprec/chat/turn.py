@@ -275,11 +275,14 @@ class ChatEngine:
     def _unrelated(self, before: ChatState, parsed: Parsed, probe: Sequence[Candidate]) -> bool:
         """A request that no product answers: off-topic ("how tall is mount everest") or foreign to this shop.
 
-        Only a message that starts the request (nothing wished yet) and sets no slot is judged: the best
-        candidate's dense similarity to it must reach `min_similarity`. Without a dense signal, the parsers'
-        hint decides (none of its words is in the catalog)."""
-        if parsed.anchored or before.wanted or before.category or before.brands or before.reference_items:
+        A message that starts the request (nothing wished yet) and sets no slot: the best candidate's dense
+        similarity to it must reach `min_similarity`. In a conversation under way the probe answers the whole
+        state, not the message, so there (and without a dense signal) the parsers' hint decides: none of the
+        message's words is in the catalog."""
+        if parsed.anchored:
             return False
+        if before.wanted or before.category or before.brands or before.reference_items:
+            return parsed.unknown_words
         sims = [c.sources["dense"].score for c in probe if "dense" in c.sources]
         if not sims:
             return parsed.unknown_words or not probe
