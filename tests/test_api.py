@@ -262,6 +262,16 @@ def test_health_metrics_and_openapi(server: Server, admin: dict[str, str]) -> No
     for name in ("shoprec_requests_total", "shoprec_request_seconds_bucket", "shoprec_llm_queue_depth"):
         assert name in text
     assert 'route="/v1/search"' in text
+    # a body over the limit is refused before it is read, naming the limit; refusals are counted by status
+    from shoprec.api import MAX_BODY_BYTES
+
+    big = b'{"events": [' + b" " * (MAX_BODY_BYTES + 1) + b"]}"
+    r = httpx.post(server.url + "/v1/events", content=big, headers={**admin, "Content-Type": "application/json"})
+    assert r.status_code == 413 and f"limit of {MAX_BODY_BYTES} bytes" in r.json()["detail"]
+    httpx.post(server.url + "/v1/search", json={"query": "tent"})  # no key: 401
+    text = httpx.get(server.url + "/metrics").text
+    refused = [line for line in text.splitlines() if line.startswith("shoprec_requests_total{")]
+    assert any('route="/v1/search"' in line and 'status="401"' in line for line in refused), refused
     spec = httpx.get(server.url + "/openapi.json").json()
     assert {"/v1/recommend", "/v1/search", "/v1/events", "/v1/items/{item_id}"} <= set(spec["paths"])
     assert httpx.get(server.url + "/docs").status_code == 200
