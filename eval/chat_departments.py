@@ -157,11 +157,12 @@ def run_gate(home: Path, log: Any = print) -> dict[str, Any]:
     shopping = [r["message"] for r in load_set()]
     off_topic = [json.loads(line)["message"] for line in OFF_TOPIC.read_text(encoding="utf-8").splitlines() if line]
 
+    engine = ChatEngine(svc.catalog, rec, config=ChatConfig(use_llm=False))
+
     def answered(messages: list[str], tau: float | None) -> list[bool]:
         if tau is None:  # the rule before: the parsers alone (none of the words in the catalog = off-topic)
-            engine = ChatEngine(svc.catalog, rec, config=ChatConfig(use_llm=False, min_similarity=0.0))
             return [not (p.off_topic or p.unknown_words or p.injection) for p in map(engine.parser.parse, messages)]
-        engine = ChatEngine(svc.catalog, rec, config=ChatConfig(use_llm=False, min_similarity=tau))
+        engine.config = ChatConfig(use_llm=False, min_similarity=tau)
         return [engine.answer(m, ChatState()).kind != "help" for m in messages]
 
     def rates(split: int, tau: float | None) -> dict[str, float]:
@@ -201,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or Path("eval/results") / ("chat-gate.json" if args.gate else "chat-departments.json")
     result = run_gate(args.home) if args.gate else run(args.home, args.threads)
     print(json.dumps({k: v for k, v in result.items() if k != "per_request"}, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)  # a stopped run never leaves half a result file
     return 0
 

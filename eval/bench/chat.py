@@ -177,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     result = (run_http if args.http else run)(args.home, args.rounds, args.threads, args.conversations)
     print(json.dumps({k: v for k, v in result.items() if k != "turns"}, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)  # a stopped run never leaves half a result file
     return 0
 

@@ -24,7 +24,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -238,7 +238,7 @@ def chat(body: ChatIn, request: Request, principal: Principal = Depends(require_
 
     def turns() -> Iterator[tuple[bool, ChatOut]]:
         """(final?, answer) per stage, each as soon as the engine has it; the state is saved before the final."""
-        with conversations.lock(body.conversation_id) if body.conversation_id else _nothing():
+        with conversations.lock(body.conversation_id) if body.conversation_id else nullcontext():
             conv = conversations.get_or_create(body.conversation_id, body.user)
             conv.user = body.user or conv.user
             if body.state is not None:
@@ -271,11 +271,6 @@ def chat(body: ChatIn, request: Request, principal: Principal = Depends(require_
             yield f"event: error\ndata: {detail}\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 @router.post("/v1/chat/events")

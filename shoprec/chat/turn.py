@@ -285,7 +285,7 @@ class ChatEngine:
             return parsed.unknown_words
         sims = [c.sources["dense"].score for c in probe if "dense" in c.sources]
         if not sims:
-            return parsed.unknown_words or not probe
+            return parsed.unknown_words
         return max(sims) < self.config.min_similarity
 
     def _generator_config(self, state: ChatState) -> GeneratorConfig:
