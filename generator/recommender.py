@@ -37,6 +37,7 @@ from generator.prompts import PromptLibrary, assistant_prefix, labels
 from generator.reasons import ReasonContext, distinct_choices, grounded_sentences, popular_items, prefer_fresh
 from generator.spec import PicksSpec
 from generator.types import CandidateView, HistoryView, Pick, PromptInput, Recommendation
+from retrieval.base import Ranked, retrieve_ranked
 from retrieval.catalog import Catalog
 from retrieval.types import Candidate, RetrievalRequest
 
@@ -316,31 +317,47 @@ class Recommender:
         """The top n_candidates, widened with the best items of missing categories when the constraint needs it."""
         # one retrieval, wide enough for the widening below: retrieving again would score every signal again
         wide_k = max(cfg.n_candidates * 5, 200)
-        wide = list(self.retriever.retrieve(request, wide_k))  # type: ignore[attr-defined]
+        wide = retrieve_ranked(self.retriever, request, wide_k)
         if len(wide) < cfg.k:
             raise ValueError(
                 f"only {len(wide)} candidates match this request, fewer than k={cfg.k}. Fix: relax the filters "
                 f"or ask for fewer picks."
             )
-        top = wide[: cfg.n_candidates]
-        level = cfg.constraint.level
-        catalog = self.catalog
-
-        def cats(cs: Sequence[Candidate]) -> list[str]:
-            return [catalog[c.item_id].category_at(level) for c in cs]
-
-        if feasible(cfg.constraint, cats(top), cfg.k) is None:
-            return top
-        picked = _widen(top, wide[cfg.n_candidates :], cats, cfg)
-        if feasible(cfg.constraint, cats(picked), cfg.k) is not None and len(wide) >= wide_k:
+        top = list(range(min(cfg.n_candidates, len(wide))))
+        picked = self._widened(wide, top, cfg)
+        if picked is None and len(wide) >= wide_k:
             # rare: a category the rule needs is not among the widest list's items (one category per pick on a
             # shop with few categories): look through every item the signals rank, once, before saying no
-            deep = list(self.retriever.retrieve(request, len(catalog)))  # type: ignore[attr-defined]
-            picked = _widen(top, deep[cfg.n_candidates :], cats, cfg)
-        why = feasible(cfg.constraint, cats(picked), cfg.k)
-        if why is not None:
-            raise ValueError(f"the category constraint cannot be met for this request: {why}. Fix: relax it.")
-        return picked
+            wide = retrieve_ranked(self.retriever, request, len(self.catalog))
+            picked = self._widened(wide, top, cfg)
+        if picked is None:
+            category = self._category(cfg.constraint.level)
+            cats = [category(wide.ids[i]) for i in _widen(wide.ids, top, category, cfg)]
+            raise ValueError(
+                f"the category constraint cannot be met for this request: {feasible(cfg.constraint, cats, cfg.k)}. "
+                "Fix: relax it."
+            )
+        # Candidate objects (with their signals' evidence) only for the entries kept
+        return wide.candidates(picked)
+
+    def _category(self, level: int) -> Callable[[str], str]:
+        """item id -> its category at `level`, memoised for one request (widening asks for the same items often)."""
+        catalog = self.catalog  # read once: on a live index the property resolves the current catalog each time
+        memo: dict[str, str] = {}
+
+        def category(item_id: str) -> str:
+            cat = memo.get(item_id)
+            if cat is None:
+                cat = memo[item_id] = catalog[item_id].category_at(level)
+            return cat
+
+        return category
+
+    def _widened(self, wide: Ranked, top: list[int], cfg: GeneratorConfig) -> list[int] | None:
+        """Indices into `wide` of a candidate list that can meet the category rule (see `_widen`), or None."""
+        category = self._category(cfg.constraint.level)
+        picked = _widen(wide.ids, top, category, cfg)
+        return picked if feasible(cfg.constraint, [category(wide.ids[i]) for i in picked], cfg.k) is None else None
 
     # ---------------------------------------------------------------- score mode
     def score_candidates(
@@ -737,26 +754,28 @@ def _finite(x: float) -> float:
     return float(x) if math.isfinite(x) else -1e9
 
 
-def _widen(
-    top: Sequence[Candidate],
-    rest: Sequence[Candidate],
-    cats: Callable[[Sequence[Candidate]], list[str]],
-    cfg: GeneratorConfig,
-) -> list[Candidate]:
-    """`top` with the best candidate of each category it lacks (from `rest`, best first) swapped in for the weakest
-    of its most represented category, until the category rule can be met (or `rest` has no new category left)."""
-    have = set(cats(top))
-    seen_extra: dict[str, Candidate] = {}
-    for c, cat in zip(rest, cats(rest), strict=True):
-        if cat not in have:
-            seen_extra.setdefault(cat, c)
+def _widen(ids: Sequence[str], top: Sequence[int], category: Callable[[str], str], cfg: GeneratorConfig) -> list[int]:
+    """`top` (indices into `ids`, best first) with the best candidate of each category it lacks (from the rest,
+    best first) swapped in for the weakest of its most represented category, until the category rule can be met
+    (or the rest has no new category left)."""
     picked = list(top)
-    for c in seen_extra.values():
-        if feasible(cfg.constraint, cats(picked), cfg.k) is None:
+    if feasible(cfg.constraint, [category(ids[i]) for i in picked], cfg.k) is None:
+        return picked  # most requests: nothing to widen, and the rest's categories are never read
+    have = {category(ids[i]) for i in picked}
+    taken = set(picked)
+    seen_extra: dict[str, int] = {}
+    for i in range(len(ids)):
+        if i not in taken:
+            cat = category(ids[i])
+            if cat not in have:
+                seen_extra.setdefault(cat, i)
+    for i in seen_extra.values():
+        picked_cats = [category(ids[j]) for j in picked]
+        if feasible(cfg.constraint, picked_cats, cfg.k) is None:
             break
         counts: dict[str, int] = {}
-        for cat in cats(picked):
+        for cat in picked_cats:
             counts[cat] = counts.get(cat, 0) + 1
-        victim = max((i for i in range(len(picked) - 1, -1, -1)), key=lambda i: (counts[cats([picked[i]])[0]], i))
-        picked[victim] = c
+        victim = max(range(len(picked)), key=lambda j: (counts[picked_cats[j]], j))
+        picked[victim] = i
     return picked

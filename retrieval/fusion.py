@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrieval.base import Retriever, top_k
+from retrieval.base import Ranked, Retriever, top_k
 from retrieval.catalog import Catalog
-from retrieval.types import Candidate, RetrievalRequest, SignalEvidence
+from retrieval.types import Candidate, RetrievalRequest
 
 MODES = ("user", "query", "cart")
 CONTENT_SIGNALS = ("bm25", "dense")  # the signals that can score an item nobody has used yet
@@ -148,10 +148,14 @@ class FusionRetriever:
         return self._fused(request)[1]
 
     def retrieve(self, request: RetrievalRequest, k: int) -> list[Candidate]:
+        return self.ranked(request, k).candidates()
+
+    def ranked(self, request: RetrievalRequest, k: int) -> Ranked:
+        """The top-k as a `Ranked`: ids and fused scores now, each candidate's evidence when it is read."""
         scored: dict[str, np.ndarray | None] = {}  # each signal scores this request once
         lists, fused = self._fused(request, scored)
         if fused is None:
-            return []
+            return Ranked([], [])
         rows = top_k(fused, k)
         slots = round(self.config.new_item_share * k)
         new_lists: SignalLists = {}
@@ -165,16 +169,9 @@ class FusionRetriever:
                 floor = float(fused[keep].min()) if len(keep) else 0.0
                 fused[new_rows] = floor - 1e-9 * (1 + np.arange(len(new_rows)))
                 rows = np.concatenate([keep, new_rows])
-        evidence: dict[int, dict[str, SignalEvidence]] = {int(r): {} for r in rows}
-        for source in (lists, new_lists):  # a new item's ranks are among the new items
-            for name, (srows, sscores) in source.items():
-                # only the list's positions that hold a returned row: the lists are `depth` long, the answer k
-                for pos in np.flatnonzero(np.isin(srows, rows)).tolist():
-                    found = evidence[int(srows[pos])]
-                    if name not in found:
-                        found[name] = SignalEvidence(rank=pos + 1, score=float(sscores[pos]))
         items = self.catalog.items
-        return [Candidate(item_id=items[r].id, score=float(fused[r]), sources=evidence[r]) for r in rows.tolist()]
+        # evidence: a signal's place in the main lists, else among the new items (an item only a new-item list holds)
+        return Ranked([items[r].id for r in rows.tolist()], fused[rows].tolist(), rows, [lists, new_lists])
 
     def new_item_mask(self) -> np.ndarray | None:
         """Rows with no interaction in the behaviour data (popularity count 0); None without a popularity signal."""

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from retrieval.base import Ranked
 from retrieval.catalog import Catalog
 from retrieval.fusion import FusionRetriever
 from retrieval.types import Candidate, Interaction, Item, RetrievalRequest
@@ -200,8 +201,12 @@ class LiveIndex:
 
     def retrieve(self, request: RetrievalRequest, k: int) -> list[Candidate]:
         """The top-k fused candidates for the request, as `FusionRetriever.retrieve`, over the live catalog."""
+        return self.ranked(request, k).candidates()
+
+    def ranked(self, request: RetrievalRequest, k: int) -> Ranked:
+        """`FusionRetriever.ranked` over the live catalog (the evidence it builds later reads its own arrays only)."""
         with self._rw.read():
-            return self._fusion.retrieve(request, k)
+            return self._fusion.ranked(request, k)
 
     def score(self, request: RetrievalRequest) -> np.ndarray | None:
         """Fused scores over every row of the live row catalog (retired rows included; mask them yourself)."""

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from generator.recommender import GeneratorConfig
 from generator.types import Recommendation
+from retrieval.base import Ranked, retrieve_ranked
 from retrieval.types import Candidate, Filters, Interaction, Item, RetrievalRequest
 from shoprec.auth import KeyVerifier, Principal, TokenBucket, require_scope, validate_scopes
 from shoprec.config import Settings
@@ -257,17 +258,18 @@ _Evidence = tuple[tuple[str, int, float], ...]  # a candidate's (signal, rank, s
 
 
 class _RememberingRetriever:
-    """The live index, remembering the candidates of recent requests: a pick's `signals` come from them.
+    """The live index, remembering what recent requests retrieved: a pick's `signals` come from it.
 
     The recommender returns picks without the retrieval evidence; asking the index again would double the work.
-    The evidence is kept as plain tuples and handed over once (`evidence` removes it): a bounded map of recent
-    requests' Candidate objects (2,048 x 200 candidates, ~3M objects) made every full GC pass take 0.5 s with the
-    GIL held, and stalled every request in flight (the load benchmark's p99 at 16 clients).
+    What is kept per request is the `Ranked` list (arrays and ids, a handful of objects; the picks' evidence is
+    built from it when asked, once: `evidence` removes it). A bounded map of recent requests' Candidate objects
+    (2,048 x 200 candidates, ~3M objects) once made every full GC pass take 0.5 s with the GIL held, and stalled
+    every request in flight (the load benchmark's p99 at 16 clients).
     """
 
     def __init__(self, index: Any, size: int = 256) -> None:
         self.index = index
-        self._seen: OrderedDict[RetrievalRequest, dict[str, _Evidence]] = OrderedDict()
+        self._seen: OrderedDict[RetrievalRequest, Ranked] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -281,31 +283,35 @@ class _RememberingRetriever:
         return getattr(self.index, "item_vectors", None)
 
     def retrieve(self, request: RetrievalRequest, k: int) -> list[Candidate]:
-        # The recommender asks once for 5 x n_candidates, and again for 200 when the top ones cannot meet the
-        # category constraint (most requests, measured on the demo shop): fetch the wider list once and slice it
-        # for the second call of the SAME request object (same thread, a moment later: never stale). Exact only
-        # while a top-k is a prefix of a wider top-k, i.e. without reserved new-item places.
+        return self.ranked(request, k).candidates()
+
+    def ranked(self, request: RetrievalRequest, k: int) -> Ranked:
+        # A chat turn probes the top n_candidates, then the recommender asks for 200 (its widening list): fetch the
+        # wider list once and cut it for the other call of the SAME request object (same thread, a moment later:
+        # never stale). Exact only while a top-k is a prefix of a wider top-k, i.e. without reserved new-item places.
         last = getattr(self._local, "last", None)
         if last is not None and last[0] is request and k <= last[1]:
-            return last[2][:k]
-        prefix_safe = not getattr(getattr(getattr(self.index, "fusion", None), "config", None), "new_item_share", 1)
-        fetch = max(k, _WIDE_K) if prefix_safe else k
-        out: list[Candidate] = self.index.retrieve(request, fetch)
-        if prefix_safe:
-            self._local.last = (request, fetch, out)
-            out = out[:k]
-        kept = {c.item_id: tuple((n, e.rank, e.score) for n, e in c.sources.items()) for c in out}
+            out: Ranked = last[2].head(k)
+        else:
+            fusion_config = getattr(getattr(self.index, "fusion", None), "config", None)
+            prefix_safe = not getattr(fusion_config, "new_item_share", 1)
+            fetch = max(k, _WIDE_K) if prefix_safe else k
+            out = retrieve_ranked(self.index, request, fetch)
+            if prefix_safe:
+                self._local.last = (request, fetch, out)
+                out = out.head(k)
         with self._lock:
-            self._seen[request] = kept
+            self._seen[request] = out
             self._seen.move_to_end(request)
             while len(self._seen) > self._size:
                 self._seen.popitem(last=False)
         return out
 
-    def evidence(self, request: RetrievalRequest) -> dict[str, _Evidence]:
-        """item id -> (signal, rank, score) per signal, for the candidates `request` retrieved; read once."""
+    def evidence(self, request: RetrievalRequest, item_ids: Sequence[str]) -> dict[str, _Evidence]:
+        """item id -> (signal, rank, score) per signal, for those of `item_ids` that `request` retrieved; read once."""
         with self._lock:
-            return self._seen.pop(request, {})
+            got = self._seen.pop(request, None)
+        return got.evidence(item_ids) if got is not None else {}
 
 
 @dataclass
@@ -497,7 +503,8 @@ router = APIRouter()
 
 def _pick_rows(state: AppState, request: RetrievalRequest, rec: Recommendation) -> list[PickOut]:
     catalog = state.catalog
-    evidence = state.retriever.evidence(request) if state.retriever is not None else {}
+    ids = [p.item_id for p in rec.picks]
+    evidence = state.retriever.evidence(request, ids) if state.retriever is not None else {}
     rows = []
     for p in rec.picks:
         item = catalog[p.item_id]
@@ -823,9 +830,9 @@ def revoke_key(key_id: Id, request: Request, principal: Principal = Depends(requ
 
 
 @router.get("/healthz", tags=["ops"])
-def healthz() -> dict[str, str]:
-    """The process is up."""
-    return {"status": "ok"}
+def healthz() -> dict[str, Any]:
+    """The process is up; `pid` tells a server's worker processes apart (`shoprec serve --workers N`)."""
+    return {"status": "ok", "pid": os.getpid()}
 
 
 @router.get("/readyz", tags=["ops"])

@@ -54,18 +54,29 @@ def register(app: typer.Typer, friendly_errors: Callable[[Any], Any]) -> None:
             )
         # every worker process rebuilds the app from exactly these settings
         os.environ[SETTINGS_ENV] = settings.model_dump_json()
-        uvicorn.run(
-            "shoprec.api:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level=log_level,
-            timeout_graceful_shutdown=10,
+        options: dict[str, Any] = {
+            "app": "shoprec.api:app_from_env",
+            "factory": True,
+            "log_level": log_level,
+            "timeout_graceful_shutdown": 10,
             # keep-alive longer than a load balancer's typical idle timeout: a connection the server closes while
             # the client sends on it is a failed request (seen at 64 clients with uvicorn's 5 s default)
-            timeout_keep_alive=75,
-        )
+            "timeout_keep_alive": 75,
+        }
+        if workers == 1:
+            uvicorn.run(host=host, port=port, **options)
+            return
+        from shoprec.workers import serve_workers
+
+        try:
+            status = serve_workers(host, port, workers, options)
+        except OSError as e:
+            raise ValueError(
+                f"--host {host} --port {port}: {e.strerror or e}. Fix: pick a free port (--port) or stop what "
+                "listens there"
+            ) from None
+        if status:
+            raise typer.Exit(status)
 
     keys = typer.Typer(help="API keys of the HTTP service (stored hashed; the secret is shown once).")
     app.add_typer(keys, name="keys")

@@ -78,8 +78,10 @@ def copy_index(src_home: Path, dst_home: Path) -> None:
 class Server:
     """`shoprec --home HOME [--store URL] --config CONFIG serve --port P` in a subprocess."""
 
-    def __init__(self, home: Path, *, store: str | None = None, config: dict[str, Any] | None = None) -> None:
-        self.home, self.store = home, store
+    def __init__(
+        self, home: Path, *, store: str | None = None, config: dict[str, Any] | None = None, workers: int = 1
+    ) -> None:
+        self.home, self.store, self.workers = home, store, workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = home / f"serve-{self.port}.toml"
@@ -94,7 +96,7 @@ class Server:
         cmd = [str(SHOPREC), "--home", str(self.home), "--config", str(self.config_path)]
         if self.store:
             cmd += ["--store", self.store]
-        cmd += ["serve", "--port", str(self.port), "--log-level", "warning"]
+        cmd += ["serve", "--port", str(self.port), "--log-level", "warning", "--workers", str(self.workers)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -255,7 +255,8 @@ def test_score_mode_with_the_real_model(server: Server, admin: dict[str, str]) -
 
 
 def test_health_metrics_and_openapi(server: Server, admin: dict[str, str]) -> None:
-    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    health = httpx.get(server.url + "/healthz").json()
+    assert health["status"] == "ok" and health["pid"] == server.proc.pid
     assert httpx.get(server.url + "/readyz").json()["status"] == "ready"
     post(server, "/v1/search", {"query": "tent"}, admin)
     text = httpx.get(server.url + "/metrics").text

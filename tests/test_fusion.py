@@ -144,3 +144,34 @@ def test_new_item_places_offer_unseen_items_at_the_end_of_the_list():
     assert FusionConfig.from_dict(fresh.config.to_dict()).new_item_share == 0.5
     with pytest.raises(ValueError, match="new_item_share"):
         FusionConfig(new_item_share=0.9)
+
+
+def test_ranked_builds_the_same_candidates_for_any_subset_and_each_rank_is_the_signals_own():
+    """`ranked` gives ids and scores at once and a candidate's evidence when it is read: any subset, in any order,
+    reads exactly what the whole list holds, and each signal's rank is the item's place in that signal's list."""
+    rng = np.random.default_rng(0)
+    catalog = Catalog(Item(id=f"i{n}", title=f"item {n}", category=("A",)) for n in range(60))
+    signals = [Fixed(catalog, name, rng.normal(size=60).tolist()) for name in ("sasrec", "itemknn", "bm25")]
+    fusion = FusionRetriever(catalog, signals, FusionConfig(weights={"user": dict.fromkeys(["sasrec", "itemknn"], 1)}))
+    fusion.config.depth = 25  # shorter than the list asked for: some candidates miss some signals
+    request = RetrievalRequest(history=("i0", "i1"))
+    ranked = fusion.ranked(request, 40)
+    everything = ranked.candidates()
+    assert [c.item_id for c in everything] == ranked.ids and [c.score for c in everything] == ranked.scores
+    subset = [33, 2, 17, 0]
+    assert ranked.candidates(subset) == [everything[i] for i in subset]
+    assert ranked.head(5).candidates() == everything[:5]
+    lists = fusion.signal_lists(request)
+    for c in everything:
+        row = catalog.index[c.item_id]
+        for name, (rows, scores) in lists.items():
+            where = np.flatnonzero(rows == row)
+            if len(where):
+                assert c.sources[name].rank == where[0] + 1 and c.sources[name].score == scores[where[0]]
+            else:
+                assert name not in c.sources
+    assert any(len(c.sources) < len(lists) for c in everything)  # the depth cut mattered
+    third = ranked.ids[3]
+    assert ranked.evidence(["not-retrieved", third]) == {
+        third: tuple((n, e.rank, e.score) for n, e in everything[3].sources.items())
+    }

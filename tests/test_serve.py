@@ -9,10 +9,12 @@ import threading
 import time
 from collections.abc import Hashable, Sequence
 
+import numpy as np
 import pytest
 
 from generator.recommender import GeneratorConfig
 from generator.types import Pick, Recommendation
+from retrieval.base import Ranked
 from retrieval.types import RetrievalRequest
 from shoprec.auth import LOCAL_DEV, Principal, TokenBucket, validate_scopes
 from shoprec.serving import Batcher, BudgetExceeded, Overloaded
@@ -215,40 +217,49 @@ def test_scopes_imply_the_lesser_ones_and_unknown_ones_are_named() -> None:
 
 
 class _Index:
-    """200 candidates with evidence from two signals for any request, like the live index."""
+    """200 candidates with evidence from two signals for any request, as arrays, like the live index."""
 
     catalog = None
 
-    def retrieve(self, request: RetrievalRequest, k: int) -> list:
-        from retrieval.types import Candidate, SignalEvidence
-
-        return [
-            Candidate(
-                item_id=f"i{j}",
-                score=1.0 / (j + 1),
-                sources={"bm25": SignalEvidence(rank=j + 1, score=2.0), "dense": SignalEvidence(rank=j + 2, score=0.5)},
-            )
-            for j in range(k)
-        ]
+    def ranked(self, request: RetrievalRequest, k: int) -> Ranked:
+        rows = np.arange(k)
+        lists = {"bm25": (rows, np.full(k, 2.0)), "dense": (rows[::-1].copy(), np.full(k, 0.5))}
+        return Ranked([f"i{j}" for j in range(k)], [1.0 / (j + 1) for j in range(k)], rows, [lists])
 
 
-def test_pick_evidence_is_handed_over_once_and_holds_no_objects_for_the_gc() -> None:
-    """The service remembers each request's retrieval evidence until its picks are built. It once kept the last
-    2,048 requests' Candidate objects (~3M objects): every full GC pass then took ~0.5 s with the GIL held and
-    stalled all requests in flight. Now: read once (then gone), bounded, and plain tuples only."""
+def _tracked_objects_under(root: object) -> int:
+    """How many objects the garbage collector tracks that `root` reaches (itself included; classes, modules and
+    functions are shared, not held: not followed)."""
     import gc
+    import types
 
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or not gc.is_tracked(obj) or isinstance(obj, type | types.ModuleType | types.FunctionType):
+            continue
+        seen.add(id(obj))
+        todo.extend(gc.get_referents(obj))
+    return len(seen)
+
+
+def test_pick_evidence_is_handed_over_once_and_holds_few_objects_for_the_gc() -> None:
+    """The service remembers each request's retrieval until its picks are built. It once kept the last 2,048
+    requests' Candidate objects (~3M objects): every full GC pass then took ~0.5 s with the GIL held and stalled
+    all requests in flight. Now: read once (then gone), bounded, and a few objects per request (arrays and ids),
+    the evidence built for the picks only."""
     from shoprec.api import _RememberingRetriever
 
     remembering = _RememberingRetriever(_Index(), size=8)
     requests = [RetrievalRequest(user_id=f"u{n}") for n in range(20)]
     for r in requests:
-        remembering.retrieve(r, 5)
-    assert remembering.evidence(requests[0]) == {}  # the oldest fell out of the bound
-    got = remembering.evidence(requests[-1])
-    assert got["i0"] == (("bm25", 1, 2.0), ("dense", 2, 0.5)) and len(got) == 5
-    assert remembering.evidence(requests[-1]) == {}  # handed over once
-    gc.collect()  # tuples of plain values are untracked by the collector: the inner ones, then their holders
-    gc.collect()
-    held = list(remembering._seen.values())
-    assert held and not any(gc.is_tracked(ev) for per_request in held for ev in per_request.values())
+        remembering.ranked(r, 200)
+    assert len(remembering._seen) == 8  # bounded
+    assert remembering.evidence(requests[0], ["i0"]) == {}  # the oldest fell out of the bound
+    got = remembering.evidence(requests[-1], ["i0", "i199", "nope"])
+    assert got == {"i0": (("bm25", 1, 2.0), ("dense", 200, 0.5)), "i199": (("bm25", 200, 2.0), ("dense", 1, 0.5))}
+    assert remembering.evidence(requests[-1], ["i0"]) == {}  # handed over once
+    # 7 requests x 200 candidates remembered: as Candidate objects with their evidence that was ~7 x 1,000
+    # tracked objects; as arrays and id lists a handful each
+    assert _tracked_objects_under(list(remembering._seen.values())) < 7 * 30
