@@ -341,17 +341,10 @@ class Recommender:
         return wide.candidates(picked)
 
     def _category(self, level: int) -> Callable[[str], str]:
-        """item id -> its category at `level`, memoised for one request (widening asks for the same items often)."""
+        """item id -> its category at `level` (the catalog computes each level's categories once)."""
         catalog = self.catalog  # read once: on a live index the property resolves the current catalog each time
-        memo: dict[str, str] = {}
-
-        def category(item_id: str) -> str:
-            cat = memo.get(item_id)
-            if cat is None:
-                cat = memo[item_id] = catalog[item_id].category_at(level)
-            return cat
-
-        return category
+        categories, index = catalog.categories_at(level), catalog.index
+        return lambda item_id: categories[index[item_id]]
 
     def _widened(self, wide: Ranked, top: list[int], cfg: GeneratorConfig) -> list[int] | None:
         """Indices into `wide` of a candidate list that can meet the category rule (see `_widen`), or None."""

@@ -27,6 +27,7 @@ class Catalog:
         self._prices = np.array([np.nan if it.price is None else it.price for it in self.items], dtype=np.float64)
         self._in_stock = np.array([it.in_stock for it in self.items], dtype=bool)
         self._paths = [" > ".join(it.category) for it in self.items]
+        self._categories: dict[int, tuple[str, ...]] = {}  # level -> categories_at(level)
         self.retired: frozenset[str] = frozenset(retired)
         unknown = self.retired - self.index.keys()
         if unknown:
@@ -68,8 +69,12 @@ class Catalog:
     def texts(self) -> list[str]:
         return [it.text() for it in self.items]
 
-    def categories_at(self, level: int) -> list[str]:
-        return [it.category_at(level) for it in self.items]
+    def categories_at(self, level: int) -> tuple[str, ...]:
+        """Each row's category path cut to `level` levels (computed once per level: the catalog is immutable)."""
+        got = self._categories.get(level)
+        if got is None:
+            got = self._categories[level] = tuple(it.category_at(level) for it in self.items)
+        return got
 
     def mask(self, filters: Filters, history: Sequence[str] = ()) -> np.ndarray:
         """Boolean vector: True where an item passes the hard filters."""

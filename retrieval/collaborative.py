@@ -140,8 +140,11 @@ class ItemKNNRetriever(ScoringRetriever):
         scores = np.zeros(len(self.catalog), dtype=np.float64)
         if fitted.any():
             f_rows, f_w = [r for r, f in zip(rows, fitted, strict=True) if f], weights[fitted]
-            part = w_next * (self.next[f_rows].T @ f_w) + w_tog * (self.together[f_rows].T @ f_w)
-            scores[: self._n_fit] = np.asarray(part, dtype=np.float64).ravel()
+            f_idx = np.asarray(f_rows, dtype=np.int64)
+            part = w_next * _weighted_row_sum(self.next, f_idx, f_w) + w_tog * _weighted_row_sum(
+                self.together, f_idx, f_w
+            )
+            scores[: self._n_fit] = part
         if self._live_next or self._live_prev:
             self._add_live_scores(scores, rows, weights, w_next, w_tog)
         scores[scores <= 0] = -np.inf  # no evidence: this signal cannot retrieve the item
@@ -276,3 +279,20 @@ def _prune(m: sp.csr_matrix, top_m: int) -> sp.csr_matrix:
     out = sp.csr_matrix((m.data[keep], (rows, m.indices[keep])), shape=m.shape)
     out.sort_indices()
     return out
+
+
+def _weighted_row_sum(m: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sum_i weights[i] * m[rows[i], :] as a dense vector, read straight from the CSR arrays.
+
+    Why not `m[rows].T @ weights`: scipy's row slicing builds two sparse matrices per call, ~0.1 ms of checks and
+    copies for ~50 rows; this is two gathers and one bincount (a retrieval calls it twice per request)."""
+    starts, ends = m.indptr[rows], m.indptr[rows + 1]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(m.shape[1], dtype=np.float64)
+    # the positions of every stored entry of the chosen rows, row after row
+    first = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    at = first + np.arange(total)
+    values = m.data[at] * np.repeat(weights, lengths)
+    return np.bincount(m.indices[at], weights=values, minlength=m.shape[1]).astype(np.float64, copy=False)

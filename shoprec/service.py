@@ -182,8 +182,8 @@ class Shoprec:
             check_categories(catalog, filters.categories)
         history: tuple[str, ...] = ()
         if user is not None:
-            events = self.store.history(user, limit=history_limit)
-            history = tuple(ev.item_id for ev in events if ev.item_id in catalog)
+            items = self.store.history_items(user, limit=history_limit)
+            history = tuple(i for i in items if i in catalog)
         return RetrievalRequest(
             user_id=user, history=history, query=query, cart=tuple(cart), filters=filters or Filters()
         )

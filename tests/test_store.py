@@ -193,6 +193,12 @@ def test_history_is_oldest_first_like_histories(store: Store) -> None:
     assert store.history("u", limit=0) == [] and store.history("nobody") == []
     with pytest.raises(ValueError, match="limit"):
         store.history("u", limit=-1)
+    # the ids-only read that recommendation requests use: the same items in the same order
+    for user in ("u", "p", "other", "nobody"):
+        for limit in (None, 0, 1, 2, 5):
+            assert store.history_items(user, limit) == [e.item_id for e in store.history(user, limit)]
+    with pytest.raises(ValueError, match="limit"):
+        store.history_items("u", limit=-1)
 
 
 def test_patch_delete_and_the_item_change_feed(store: Store) -> None:
