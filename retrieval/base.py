@@ -43,15 +43,13 @@ class TrainableRetriever(Retriever, Protocol):
 
 def top_k(scores: np.ndarray, k: int, mask: np.ndarray | None = None) -> np.ndarray:
     """Row indices of the k highest finite scores (after the mask), best first; ties broken by row index."""
-    s = scores.astype(np.float64, copy=True)
-    if mask is not None:
-        s[~mask] = -np.inf
-    finite = np.isfinite(s)
-    n = int(finite.sum())
+    s = scores.astype(np.float64, copy=False)
+    s = np.where(mask, s, -np.inf) if mask is not None else s.copy()  # one pass (runs ~6 times per request)
+    n = int(np.count_nonzero(np.isfinite(s)))
     if n == 0 or k <= 0:
         return np.empty(0, dtype=np.int64)
     k = min(k, n)
-    kth = -np.partition(-s, k - 1)[k - 1]  # the k-th highest score
+    kth = np.partition(s, len(s) - k)[len(s) - k]  # the k-th highest score
     cand = np.flatnonzero(s >= kth)  # everything above it plus all ties at it, so the tie-break below is exact
     order = np.lexsort((cand, -s[cand]))  # primary: score descending; secondary: row index ascending
     return cand[order][:k]
@@ -115,6 +113,7 @@ class Ranked:
         self._lists = list(lists)  # signal name -> its list, in order of precedence (the first one wins)
         self._built = list(built) if built is not None else None
         self._sorted: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._made: dict[int, Candidate] = {}  # index -> its candidate, once built (the picks' evidence reads them)
 
     @classmethod
     def of(cls, candidates: Sequence[Candidate]) -> Ranked:
@@ -132,7 +131,7 @@ class Ranked:
             self._lists,
             None if self._built is None else self._built[:k],
         )
-        out._sorted = self._sorted
+        out._sorted, out._made = self._sorted, self._made  # a prefix: the same indices mean the same entries
         return out
 
     def candidates(self, indices: Sequence[int] | None = None) -> list[Candidate]:
@@ -140,9 +139,10 @@ class Ranked:
         idx = list(range(len(self.ids))) if indices is None else list(indices)
         if self._built is not None:
             return [self._built[i] for i in idx]
-        sources: list[dict[str, SignalEvidence]] = [{} for _ in idx]
-        if self._rows is not None and idx:
-            rows = self._rows[idx]
+        todo = [i for i in dict.fromkeys(idx) if i not in self._made]
+        sources: list[dict[str, SignalEvidence]] = [{} for _ in todo]
+        if self._rows is not None and todo:
+            rows = self._rows[todo]
             for n, lists in enumerate(self._lists):
                 for name, (srows, sscores) in lists.items():
                     key = (n, name)
@@ -155,9 +155,9 @@ class Ranked:
                     for j, pos in zip(np.flatnonzero(found).tolist(), order[at[found]].tolist(), strict=True):
                         if name not in sources[j]:
                             sources[j][name] = SignalEvidence(rank=pos + 1, score=float(sscores[pos]))
-        return [
-            Candidate(item_id=self.ids[i], score=self.scores[i], sources=s) for i, s in zip(idx, sources, strict=True)
-        ]
+        for i, s in zip(todo, sources, strict=True):
+            self._made[i] = Candidate(item_id=self.ids[i], score=self.scores[i], sources=s)
+        return [self._made[i] for i in idx]
 
     def evidence(self, item_ids: Sequence[str]) -> dict[str, tuple[tuple[str, int, float], ...]]:
         """item id -> (signal, rank, score) per signal, for those of `item_ids` in this list."""
