@@ -98,10 +98,13 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # Recent batches' wall time (moving average; None until the first batch): what admission and Retry-After
-        # estimate from. `_busy_since`: when the running batch started (None while idle).
+        # Recent batches' wall time and wall time per request (moving averages; None until the first batch): what
+        # admission, the batch size and Retry-After estimate from. `_busy_since`/`_busy_n`: when the running batch
+        # started and its size (None/0 while idle).
         self._batch_s: float | None = None
+        self._item_s: float | None = None
         self._busy_since: float | None = None
+        self._busy_n = 0
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -152,16 +155,24 @@ class Batcher:
         except TimeoutError:
             raise BudgetExceeded(f"no model answer within the {budget_s:.1f} s budget") from None
 
+    def _cost_s(self, n: int) -> float:
+        """Expected seconds of a model call on n requests: at least a recent batch's time, and at least n times a
+        recent request's share. Why both: on a GPU a batch costs about the same whatever its size (the first term);
+        on a CPU it costs about n times one request (prefill is compute-bound: a batch of 8 score prompts took 8x
+        one here), and a batch sized by the first term alone ran past every member's budget."""
+        assert self._batch_s is not None and self._item_s is not None
+        return max(self._batch_s, n * self._item_s)
+
     def expected_wait_s(self, depth: int) -> float:
         """Seconds until a request queued behind `depth` others would have its answer: what is left of the
-        running batch plus one batch time per `max_batch` requests ahead and its own. 0 while nothing is known."""
+        running batch plus the calls for the requests ahead and its own. 0 while nothing is known."""
         if self._batch_s is None:
             return 0.0  # no batch has run yet: admit, and learn
         busy_left = 0.0
         if self._busy_since is not None:
-            busy_left = max(0.0, self._batch_s - (time.monotonic() - self._busy_since))
-        waves = depth // max(self.max_batch, 1) + 1
-        return busy_left + waves * self._batch_s
+            busy_left = max(0.0, self._cost_s(self._busy_n) - (time.monotonic() - self._busy_since))
+        full, rest = divmod(depth + 1, max(self.max_batch, 1))
+        return busy_left + full * self._cost_s(self.max_batch) + (self._cost_s(rest) if rest else 0.0)
 
     # ---------------------------------------------------------------- the worker
     def _work(self) -> None:
@@ -185,17 +196,22 @@ class Batcher:
             close_at = first.enqueued + self.wait_s
             while (left := close_at - time.monotonic()) > 0 and self._count(first.key) < self.max_batch:
                 self._cond.wait(left)
+            # no bigger than what can finish before the most urgent member's deadline: on a CPU a batch's time
+            # grows with its size, and a batch that overruns answers none of its requests in time
+            size = self.max_batch
+            if self._item_s is not None:
+                size = max(1, min(size, int((first.deadline - time.monotonic()) / self._item_s)))
             batch: list[_Job] = []
             keep: deque[_Job] = deque()
             for job in self._pending:
-                if job.key == first.key and len(batch) < self.max_batch:
+                if job.key == first.key and len(batch) < size:
                     batch.append(job)
                 else:
                     keep.append(job)
             self._pending = keep
             # busy from the moment the batch leaves the queue, under the same lock: otherwise a request arriving
             # between this and `_run` sees an empty queue and no running batch, and is admitted as if idle
-            self._busy_since = time.monotonic()
+            self._busy_since, self._busy_n = time.monotonic(), len(batch)
             self._on_depth(len(self._pending))
         now = time.monotonic()
         live = []
@@ -213,32 +229,37 @@ class Batcher:
 
     def _run(self, batch: list[_Job]) -> None:
         if not batch:
-            self._busy_since = None
+            self._busy_since, self._busy_n = None, 0
             return
         t0 = time.monotonic()
         # the model may use the time left to the batch's most urgent request; the recommender falls back by itself
         timeout = max(_MIN_MODEL_S, min(job.deadline for job in batch) - t0)
         cfg = batch[0].config.model_copy(update={"timeout_s": timeout})
+        failed: BaseException | None = None
         try:
             results: list[Any] = list(self.run_batch(batch[0].key, [job.request for job in batch], cfg))
         except Exception as e:  # one bad request must not fail its companions: retry each alone
+            results = []
             if len(batch) == 1:
-                batch[0].settle(error=e)
-                results = []
+                failed = e
             else:
-                results = []
                 for job in batch:
                     try:
                         results.append(self.run_batch(job.key, [job.request], cfg)[0])
                     except Exception as single:
                         results.append(single)
+        seconds = time.monotonic() - t0
+        # the estimates first, then the answers: a caller answered now may submit again at once, and must be
+        # judged by this batch's time too (it was not, when the answers went first: a test caught the race)
+        item = seconds / len(batch)
+        self._batch_s = seconds if self._batch_s is None else 0.7 * self._batch_s + 0.3 * seconds
+        self._item_s = item if self._item_s is None else 0.7 * self._item_s + 0.3 * item
+        self._busy_since, self._busy_n = None, 0
+        if failed is not None:
+            batch[0].settle(error=failed)
         for job, result in zip(batch, results, strict=False):
             if isinstance(result, BaseException):
                 job.settle(error=result)
             else:
                 job.settle(result)
-        seconds = time.monotonic() - t0
-        self._busy_since = None
-        # a moving average, so that one slow batch (a long prompt, a busy box) does not shut the model off
-        self._batch_s = seconds if self._batch_s is None else 0.7 * self._batch_s + 0.3 * seconds
         self._on_batch(len(batch), seconds)

@@ -152,6 +152,38 @@ def test_a_request_that_cannot_make_its_budget_is_refused_at_once() -> None:
     assert len(slow.batches) == 2  # the refused ones cost the model nothing
 
 
+class LinearModel(ScriptedModel):
+    """A CPU's cost: a batch takes `per_request_s` per request in it (prefill is compute-bound)."""
+
+    def __init__(self, per_request_s: float) -> None:
+        super().__init__()
+        self.per_request_s = per_request_s
+
+    def __call__(
+        self, key: Hashable, requests: Sequence[RetrievalRequest], cfg: GeneratorConfig
+    ) -> list[Recommendation]:
+        self.delay_s = self.per_request_s * len(requests)
+        return super().__call__(key, requests, cfg)
+
+
+def test_when_a_batch_costs_its_size_admission_and_batches_fit_the_budget() -> None:
+    """On a CPU a batch of n costs ~n requests. Estimating every batch at one batch's time admitted 8 requests
+    into one 0.8 s call with a 0.55 s budget: all 8 timed out, the model's work wasted. Now the requests that
+    cannot fit are refused at once and the ones admitted are answered."""
+    cpu = LinearModel(per_request_s=0.1)
+    b = Batcher(cpu, max_queue=32, max_batch=16, wait_s=0.02)
+    b.start()
+    try:
+        run(b, ["learn"])  # one request: 0.1 s
+        out = run(b, [f"u{i}" for i in range(8)], budget_s=0.55)
+    finally:
+        b.stop()
+    answered = [r for r in out if isinstance(r, Recommendation)]
+    refused = [r for r in out if isinstance(r, Overloaded)]
+    assert len(answered) >= 2 and len(refused) >= 3, out
+    assert all(len(users) <= 5 for _, users, _ in cpu.batches)  # no batch longer than the budget allows
+
+
 def test_the_model_is_busy_from_the_moment_a_batch_leaves_the_queue() -> None:
     # A request arriving between the worker taking a batch off the queue and running it must not see an idle
     # model (it would be admitted past its budget). The depth callback runs in that hand-over, under the lock.

@@ -281,7 +281,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="Weights of both backends. Default: float32 on CPU (label scores comparable across backends), "
         "'auto' on a GPU. bfloat16 is what a CPU with AMX/AVX512-BF16 serves fastest.",
     )
+    ap.add_argument(
+        "--max-loras",
+        type=int,
+        help="The vLLM engine's LoRA slots. Default: 4 with --grid (it serves an adapter), else 0 (LoRA off: what "
+        "the service runs without adapters; with LoRA on, vLLM on CPU runs the model uncompiled).",
+    )
     args = ap.parse_args(argv)
+    if args.max_loras is None:
+        args.max_loras = 4 if args.grid else 0
     if args.dry_run:
         args.latency, args.concurrency, args.validity, args.parity = (DRY[k] for k in DRY)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]  # "" skips the throughput section
@@ -308,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             torch.set_num_threads(args.threads)
             backends[name] = make_backend(name, dtype=dtype, device=args.device)
         else:
-            backends[name] = make_backend(name, dtype=dtype)
+            backends[name] = make_backend(name, dtype=dtype, max_loras=args.max_loras)
         result.setdefault("load_s", {})[name] = round(time.perf_counter() - t0, 1)
     recs = {name: Recommender(retriever, catalog, b) for name, b in backends.items()}
     section: Callable[[str], dict[str, Any]] = lambda key: result.setdefault(key, {})  # noqa: E731
@@ -326,9 +334,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             save()
     for mode in (("score", "generate") if args.grid else ("score",)) if levels else ():
         cfg = GeneratorConfig(mode=mode, timeout_s=600)  # type: ignore[arg-type]
+        start = max(args.latency, args.parity)  # past the requests the latency and parity sections sent
         for c in levels:
+            # each level its own requests: a prompt seen at an earlier level would be a prefix-cache hit, and vLLM's
+            # cache holds every prompt where the transformers backend's holds ~10
+            batch = [requests[(start + i) % len(requests)] for i in range(c)]
+            start += c
             for name, rec in recs.items():
-                row = throughput(rec, requests[100:], cfg, c, threads=name != "transformers")
+                row = throughput(rec, batch, cfg, c, threads=name != "transformers")
                 section("throughput").setdefault(f"{name}/{mode}", []).append(row)
                 save()
     if "vllm" in recs and args.validity:

@@ -26,6 +26,8 @@ core in a subprocess).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import os
 import queue
@@ -220,8 +222,25 @@ def _engine(path: str, dtype: str, max_model_len: int, max_loras: int, max_lora_
                 logits_processors=[ShoprecLogitsProcessor],
                 disable_log_stats=False,  # keeps the Prometheus counters `prefix_cache_stats` reads
             )
+            if not _ENGINES:
+                atexit.register(_shutdown_engines)
             _ENGINES[key] = _Driver(llm)
         return _ENGINES[key]
+
+
+def _shutdown_engines() -> None:
+    """Stop every engine's core process at interpreter exit.
+
+    Why: otherwise multiprocessing's own exit handler joins vLLM's engine-core process, which sometimes never
+    exits on its own (seen twice in a row after benchmark runs, the process alive minutes after its results were
+    written). atexit runs this first (registered later), and the core then stops within its timeout."""
+    with _ENGINES_LOCK:
+        drivers = list(_ENGINES.values())
+        _ENGINES.clear()
+    for driver in drivers:
+        # at exit, a failure to stop one engine must not stop the others
+        with contextlib.suppress(Exception):
+            driver.engine.engine_core.shutdown(timeout=10)
 
 
 class VLLMBackend:
