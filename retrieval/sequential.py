@@ -466,14 +466,15 @@ def _validation_ndcg10(model: Any, cases: list[tuple[list[int], int]], max_len: 
     cases = sorted(cases, key=lambda c: len(c[0]))  # similar lengths per chunk: less padding
     for start in range(0, len(cases), 512):
         chunk = cases[start : start + 512]
-        logits = _next_logits(model, [h for h, _ in chunk], max_len)
-        for i, (hist, _) in enumerate(chunk):
-            logits[i, hist] = -torch.inf
-        targets = torch.tensor([t for _, t in chunk])
-        t_score = logits[torch.arange(len(chunk)), targets]
-        rank = (logits > t_score[:, None]).sum(1) + 1  # optimistic ties are harmless: logits rarely tie
-        hit = rank <= 10
-        total += float((hit / torch.log2(rank.double() + 1)).sum())
+        with torch.inference_mode():  # _next_logits' tensors are inference tensors: edited in the same mode
+            logits = _next_logits(model, [h for h, _ in chunk], max_len)
+            for i, (hist, _) in enumerate(chunk):
+                logits[i, hist] = -torch.inf
+            targets = torch.tensor([t for _, t in chunk])
+            t_score = logits[torch.arange(len(chunk)), targets]
+            rank = (logits > t_score[:, None]).sum(1) + 1  # optimistic ties are harmless: logits rarely tie
+            hit = rank <= 10
+            total += float((hit / torch.log2(rank.double() + 1)).sum())
     return total / len(cases)
 
 
