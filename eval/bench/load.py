@@ -254,6 +254,7 @@ def plot(levels: list[dict[str, Any]], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.legend()
+    axes[0].set_yscale("log")  # the model's answers (~0.1-1/s) and retrieval's (~500/s) on one axis
     axes[0].set_ylabel("answers / s")
     axes[0].set_title("throughput of POST /v1/recommend")
     axes[1].set_yscale("log")
