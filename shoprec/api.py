@@ -301,7 +301,9 @@ class _RememberingRetriever:
                 self._local.last = (request, fetch, out)
                 out = out.head(k)
         with self._lock:
-            self._seen[request] = out
+            kept = self._seen.get(request)
+            if kept is None or len(kept) <= len(out):  # the longest list asked for: the picks may come from its tail
+                self._seen[request] = out
             self._seen.move_to_end(request)
             while len(self._seen) > self._size:
                 self._seen.popitem(last=False)

@@ -292,6 +292,10 @@ def test_pick_evidence_is_handed_over_once_and_holds_few_objects_for_the_gc() ->
     got = remembering.evidence(requests[-1], ["i0", "i199", "nope"])
     assert got == {"i0": (("bm25", 1, 2.0), ("dense", 200, 0.5)), "i199": (("bm25", 200, 2.0), ("dense", 1, 0.5))}
     assert remembering.evidence(requests[-1], ["i0"]) == {}  # handed over once
+    again = RetrievalRequest(user_id="again")
+    remembering.ranked(again, 200)
+    remembering.ranked(again, 20)  # a shorter list for the same request does not hide the longer one's tail
+    assert set(remembering.evidence(again, ["i150"])) == {"i150"}
     # 7 requests x 200 candidates remembered: as Candidate objects with their evidence that was ~7 x 1,000
     # tracked objects; as arrays and id lists a handful each
     assert _tracked_objects_under(list(remembering._seen.values())) < 7 * 30
