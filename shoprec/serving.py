@@ -158,8 +158,8 @@ class Batcher:
     def _cost_s(self, n: int) -> float:
         """Expected seconds of a model call on n requests: at least a recent batch's time, and at least n times a
         recent request's share. Why both: on a GPU a batch costs about the same whatever its size (the first term);
-        on a CPU it costs about n times one request (prefill is compute-bound: a batch of 8 score prompts took 8x
-        one here), and a batch sized by the first term alone ran past every member's budget."""
+        on a CPU it costs close to n times one request (prefill is compute-bound: a batch of 8 score prompts took
+        ~6x one here), and a batch sized by the first term alone ran past every member's budget."""
         assert self._batch_s is not None and self._item_s is not None
         return max(self._batch_s, n * self._item_s)
 
