@@ -324,19 +324,14 @@ class Recommender:
                 f"or ask for fewer picks."
             )
         top = list(range(min(cfg.n_candidates, len(wide))))
-        picked = self._widened(wide, top, cfg)
-        if picked is None and len(wide) >= wide_k:
+        picked, why = self._widened(wide, top, cfg)
+        if why is not None and len(wide) >= wide_k:
             # rare: a category the rule needs is not among the widest list's items (one category per pick on a
             # shop with few categories): look through every item the signals rank, once, before saying no
             wide = retrieve_ranked(self.retriever, request, len(self.catalog))
-            picked = self._widened(wide, top, cfg)
-        if picked is None:
-            category = self._category(cfg.constraint.level)
-            cats = [category(wide.ids[i]) for i in _widen(wide.ids, top, category, cfg)]
-            raise ValueError(
-                f"the category constraint cannot be met for this request: {feasible(cfg.constraint, cats, cfg.k)}. "
-                "Fix: relax it."
-            )
+            picked, why = self._widened(wide, top, cfg)
+        if why is not None:
+            raise ValueError(f"the category constraint cannot be met for this request: {why}. Fix: relax it.")
         # Candidate objects (with their signals' evidence) only for the entries kept
         return wide.candidates(picked)
 
@@ -346,11 +341,12 @@ class Recommender:
         categories, index = catalog.categories_at(level), catalog.index
         return lambda item_id: categories[index[item_id]]
 
-    def _widened(self, wide: Ranked, top: list[int], cfg: GeneratorConfig) -> list[int] | None:
-        """Indices into `wide` of a candidate list that can meet the category rule (see `_widen`), or None."""
+    def _widened(self, wide: Ranked, top: list[int], cfg: GeneratorConfig) -> tuple[list[int], str | None]:
+        """Indices into `wide` of the widened candidate list (see `_widen`), and why it still cannot meet the
+        category rule (None: it can)."""
         category = self._category(cfg.constraint.level)
         picked = _widen(wide.ids, top, category, cfg)
-        return picked if feasible(cfg.constraint, [category(wide.ids[i]) for i in picked], cfg.k) is None else None
+        return picked, feasible(cfg.constraint, [category(wide.ids[i]) for i in picked], cfg.k)
 
     # ---------------------------------------------------------------- score mode
     def score_candidates(

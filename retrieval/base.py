@@ -105,40 +105,33 @@ class Ranked:
         scores: Sequence[float],
         rows: np.ndarray | None = None,
         lists: Sequence[Mapping[str, SignalList]] = (),
-        built: Sequence[Candidate] | None = None,
     ) -> None:
         self.ids = list(ids)
         self.scores = list(scores)
         self._rows = rows  # catalog rows of `ids` (fusion), for the evidence
         self._lists = list(lists)  # signal name -> its list, in order of precedence (the first one wins)
-        self._built = list(built) if built is not None else None
         self._sorted: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
         self._made: dict[int, Candidate] = {}  # index -> its candidate, once built (the picks' evidence reads them)
 
     @classmethod
     def of(cls, candidates: Sequence[Candidate]) -> Ranked:
-        return cls([c.item_id for c in candidates], [c.score for c in candidates], built=candidates)
+        """Candidates already built (any retriever's `retrieve`)."""
+        out = cls([c.item_id for c in candidates], [c.score for c in candidates])
+        out._made = dict(enumerate(candidates))
+        return out
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def head(self, k: int) -> Ranked:
         """The first k entries (same evidence)."""
-        out = Ranked(
-            self.ids[:k],
-            self.scores[:k],
-            None if self._rows is None else self._rows[:k],
-            self._lists,
-            None if self._built is None else self._built[:k],
-        )
+        out = Ranked(self.ids[:k], self.scores[:k], None if self._rows is None else self._rows[:k], self._lists)
         out._sorted, out._made = self._sorted, self._made  # a prefix: the same indices mean the same entries
         return out
 
     def candidates(self, indices: Sequence[int] | None = None) -> list[Candidate]:
         """The entries at `indices` (all of them by default) as `Candidate`s with their signals' evidence."""
         idx = list(range(len(self.ids))) if indices is None else list(indices)
-        if self._built is not None:
-            return [self._built[i] for i in idx]
         todo = [i for i in dict.fromkeys(idx) if i not in self._made]
         sources: list[dict[str, SignalEvidence]] = [{} for _ in todo]
         if self._rows is not None and todo:

@@ -295,4 +295,4 @@ def _weighted_row_sum(m: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray) -
     first = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
     at = first + np.arange(total)
     values = m.data[at] * np.repeat(weights, lengths)
-    return np.bincount(m.indices[at], weights=values, minlength=m.shape[1]).astype(np.float64, copy=False)
+    return np.bincount(m.indices[at], weights=values, minlength=m.shape[1])  # float64 with weights

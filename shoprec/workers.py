@@ -34,7 +34,6 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.set_inheritable(True)
     return sock
 
 
@@ -42,9 +41,9 @@ def _worker(host: str, port: int, uvicorn_kwargs: dict[str, Any]) -> None:
     """One worker process: its own SO_REUSEPORT socket, one uvicorn server on it."""
     import uvicorn
 
-    sock = _listening_socket(host, port)
-    sock.listen(uvicorn_kwargs.get("backlog", 2048))
     config = uvicorn.Config(host=host, port=port, **uvicorn_kwargs)
+    sock = _listening_socket(host, port)
+    sock.listen(config.backlog)
     uvicorn.Server(config).run(sockets=[sock])
 
 
