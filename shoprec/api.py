@@ -12,7 +12,7 @@ The pieces, for whoever adds a router (the chat page, A/B experiments):
 
 Request bodies are strict pydantic models with bounds; a bad field gets one 422 message naming the field and the
 limit. Capacity never shows as a 5xx: past the LLM queue's bound or the time budget a recommend request gets the
-retrieval ranking flagged `fallback` (or 503 + Retry-After with `overload = "reject"`).
+retrieval ranking flagged `fallback`, or, with `overload = "reject"` (a setting, or per request), 429 + Retry-After.
 """
 
 from __future__ import annotations
@@ -129,6 +129,12 @@ class RecommendIn(_Strict):
     category_level: int = Field(default=1, ge=1, le=5, description="Category depth the caps count at.")
     adapter: str | None = Field(
         default=None, max_length=64, description="Name of a configured adapter (settings `adapters`); none: default."
+    )
+    overload: Literal["fallback", "reject"] | None = Field(
+        default=None,
+        description="Past the model's capacity, in 'score' and 'generate' modes: 'fallback' answers at once with the "
+        "retrieval ranking flagged `fallback`; 'reject' answers 429 with Retry-After (when the model should have "
+        "room), for a client that would rather wait for the model. Default: the server's `overload` setting.",
     )
 
 
@@ -550,7 +556,13 @@ def _generator_config(state: AppState, body: RecommendIn, adapter: str | None) -
 
 
 async def _recommend(
-    state: AppState, request: RetrievalRequest, cfg: GeneratorConfig, mode: str, adapter: str | None, t0: float
+    state: AppState,
+    request: RetrievalRequest,
+    cfg: GeneratorConfig,
+    mode: str,
+    adapter: str | None,
+    t0: float,
+    overload: str,
 ) -> Recommendation:
     """An LLM mode's answer, through the batcher, with the fallback past capacity or budget (retrieval mode is
     answered by `recommend` itself, in one hop to a CPU thread).
@@ -558,10 +570,14 @@ async def _recommend(
     The retrieval answer (with its grounded reasons) is computed first: it is the fallback, ready
     the moment the queue refuses the request or its budget runs out, so a fallback never adds to the latency
     (on a starved CPU a second retrieval pass after the budget could take seconds). It costs one retrieval pass,
-    a few per cent of a model call."""
+    a few per cent of a model call.
+
+    `overload` 'reject' refuses at admission (429 + Retry-After) without that retrieval pass. A request the queue
+    admitted but the model answered too late still gets the fallback: after waiting its budget, a refusal would
+    only make the client wait again."""
     retrieval = state.recommender(adapter, use_llm=False)
     base: Recommendation | None = None
-    if state.settings.overload == "fallback":  # 'reject' refuses without this work
+    if overload == "fallback":  # 'reject' refuses without this work
         base = await _on_cpu(state, retrieval.recommend, request, cfg)
     assert state.batcher is not None
     budget = state.settings.request_budget_s - (time.monotonic() - t0) - _FALLBACK_RESERVE_S
@@ -576,10 +592,12 @@ async def _recommend(
                 state.metrics.fallbacks.labels(cause="model").inc()
             return rec
         except Overloaded as e:
-            if state.settings.overload == "reject":
+            if overload == "reject":
                 state.metrics.rejected.inc()
+                # 429, not 503: the request was fine and the server is up; the client is asked to come back later
+                # (clients such as urllib3's Retry honour Retry-After on 429)
                 raise HTTPException(
-                    503,
+                    429,
                     f"{e}; retry later or ask for mode 'retrieval'",
                     headers={"Retry-After": str(max(1, round(e.retry_after_s)))},
                 ) from None
@@ -691,7 +709,10 @@ async def recommend(
     else:
         retrieval_request = await _on_cpu(state, make_request)
         try:
-            rec = await _recommend(state, retrieval_request, decision.config, decision.mode, decision.adapter, t0)
+            overload = body.overload or state.settings.overload
+            rec = await _recommend(
+                state, retrieval_request, decision.config, decision.mode, decision.adapter, t0, overload
+            )
         except ValueError as e:
             raise RequestError(str(e)) from None
         out = await _on_cpu(state, answer, retrieval_request, rec)

@@ -92,7 +92,8 @@ class Settings(BaseModel):
     )
     overload: Literal["fallback", "reject"] = Field(
         default="fallback",
-        description="Past LLM capacity: 'fallback' = retrieval ranking flagged fallback; 'reject' = 503 + Retry-After.",
+        description="Past LLM capacity: 'fallback' = retrieval ranking flagged fallback; 'reject' = 429 + Retry-After. "
+        "A request's own `overload` field overrides it.",
     )
     adapters: dict[str, str] = Field(
         default_factory=dict, description="Adapters a request may name (name -> folder); nothing else is loadable."

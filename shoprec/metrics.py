@@ -37,7 +37,9 @@ class Metrics:
             registry=r,
         )
         self.rejected = Counter(
-            "shoprec_rejected_total", "LLM requests refused with 503 because the queue was full.", registry=r
+            "shoprec_rejected_total",
+            "LLM requests refused with 429 + Retry-After past the model's capacity (overload 'reject').",
+            registry=r,
         )
         self.rate_limited = Counter(
             "shoprec_rate_limited_total",

@@ -316,6 +316,37 @@ def test_grouped_attention_equals_sdpa() -> None:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_left_padded_prefill_attends_per_row_as_sdpa_does() -> None:
+    """A fresh prefill of left-padded rows runs one causal SDPA call per row (torch's CPU kernel computes every
+    block when given a padding mask): the real positions must get what the masked SDPA gives them."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from generator.backends import transformers_backend as tb
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3  # type: ignore[assignment]
+    n = tb.MAX_GROUPED_QUERIES + 8  # a prefill, not a decoding step
+    q, k, v = torch.randn(3, 6, n, 8), torch.randn(3, 2, n, 8), torch.randn(3, 2, n, 8)
+    starts = [0, 5, 11]  # row 0 unpadded, rows 1 and 2 left-padded
+    mask = torch.ones(3, 1, n, n, dtype=torch.bool).tril()
+    for i, start in enumerate(starts):
+        mask[i, :, :, :start] = False
+    assert tb._left_padded_starts(mask, n, n) == starts
+    got, _ = tb._grouped_attention(module, q, k, v, mask, scaling=0.3)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    for i, start in enumerate(starts):
+        torch.testing.assert_close(got[i, start:], want[i, start:], atol=1e-5, rtol=1e-5)
+        assert not got[i, :start].any()  # pad positions: nothing real reads them
+    holed = mask.clone()
+    holed[1, :, :, 7] = False  # not plain padding: left to SDPA
+    assert tb._left_padded_starts(holed, n, n) is None
+    got, _ = tb._grouped_attention(module, q, k, v, holed, scaling=0.3)
+    want, _ = sdpa_attention_forward(module, q, k, v, holed, scaling=0.3)
+    torch.testing.assert_close(got[1, 8:], want[1, 8:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_prefix_cache_changes_cost_not_results() -> None:
     """Reason rows that extend a scored prompt reuse its cached states, and decode exactly what they would alone."""

@@ -217,6 +217,39 @@ def test_an_idle_model_is_tried_even_when_batches_were_slower_than_the_budget() 
     assert [users for _, users, _ in slow.batches] == [["learn"], ["probe"]]  # ...but the model was asked
 
 
+def test_admission_keeps_a_share_of_the_budget_in_hand() -> None:
+    # model calls vary: a request expected to finish at 90% of its budget would miss it often, and its model call
+    # would be wasted; admission asks for room within ADMIT_SHARE of the budget
+    slow = ScriptedModel(delay_s=0.5)
+    b = Batcher(slow, max_queue=8, max_batch=1, wait_s=0.0)
+    b.start()
+    try:
+        run(b, ["learn"])
+        out = run(b, ["a", "b"], budget_s=1.1)  # b: ~1.0 s of work ahead and its own, > 0.8 x 1.1 s
+    finally:
+        b.stop()
+    assert isinstance(out[0], Recommendation)
+    assert isinstance(out[1], Overloaded) and out[1].retry_after_s >= 1.0
+    assert [users for _, users, _ in slow.batches] == [["learn"], ["a"]]
+
+
+def test_a_request_that_can_no_longer_make_it_leaves_without_a_model_call() -> None:
+    # the estimates said 0.2 s, then a call took 1.0 s: the request queued behind it has 0.2 s left, less than a
+    # call takes, and gets its fallback at once instead of a model call whose answer would come too late
+    model = ScriptedModel(delay_s=0.2)
+    b = Batcher(model, max_queue=8, max_batch=1, wait_s=0.0)
+    b.start()
+    try:
+        run(b, ["learn"])
+        model.delay_s = 1.0
+        out = run(b, ["a", "b"], budget_s=1.2)
+    finally:
+        b.stop()
+    assert isinstance(out[0], Recommendation)
+    assert isinstance(out[1], BudgetExceeded) and "would run out" in str(out[1])
+    assert [users for _, users, _ in model.batches] == [["learn"], ["a"]]
+
+
 def test_one_failing_request_does_not_fail_its_batch(model: ScriptedModel) -> None:
     b = Batcher(model, max_queue=8, max_batch=8, wait_s=0.05)
     b.start()

@@ -7,10 +7,14 @@ What it does: builds (or reuses, `--home`) the synthetic demo shop's store and i
 subprocess on 127.0.0.1 with the real model (SmolLM2-135M, the configured adapter), then for each mode (retrieval,
 score) and each level of concurrency (1, 4, 16, 64 clients) runs closed-loop async httpx clients for `--duration`
 seconds or `--max-requests` requests, whichever comes first: each client sends a request, waits for the answer,
-sends the next. Users are drawn from the store's users (one in ten unknown: cold start), seeded.
+sends the next. Users are drawn from the store's users (one in ten unknown: cold start), seeded. A 429 or 503 with
+Retry-After (the server's `--overload reject`) is obeyed: the client waits as told, then sends the same request
+again, as urllib3's Retry does.
 
 Reported per level: requests, throughput (answers/s), latency p50/p90/p99/max (ms, client side, over every
-answer), status counts (5xx counted apart), the fallback rate (answers flagged `fallback`) and the causes. The
+answer), status counts (5xx counted apart), the fallback rate (answers flagged `fallback`) and the causes, the
+model's own answers per second (what batching is judged on), and with retries the shopper's wait (first try to
+answer) and the Retry-After waits obeyed. The
 server's limits are the defaults (`request_budget_s` 10, `llm_queue_max` 64, `llm_batch_max` 16) unless flags
 say otherwise; keys are off (`allow_anonymous_local` on loopback), so the rate limiter is not what is measured.
 
@@ -102,7 +106,7 @@ class _Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, bytes, float | None]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -125,7 +129,8 @@ class _Connection:
             await self.close()
             raise ConnectionError("a response without Content-Length (chunked?): this client does not read those")
         data = await self.reader.readexactly(int(length))
-        return status, data
+        retry_after = {k.strip().lower(): v.strip() for k, v in headers.items()}.get("retry-after")
+        return status, data, float(retry_after) if retry_after else None
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -147,7 +152,9 @@ async def run_level(
     client_kind: str = "raw",
 ) -> dict[str, Any]:
     rng = random.Random(seed)
-    latencies: list[float] = []
+    latencies: list[float] = []  # every response, ms
+    answers: list[float] = []  # every 200, ms from the shopper's first try (Retry-After waits included)
+    waited: list[float] = []  # Retry-After values obeyed, s
     statuses: Counter[str] = Counter()
     fallbacks: Counter[str] = Counter()
     started = [0]
@@ -159,25 +166,35 @@ async def run_level(
         conn = _Connection(host, port)
         try:
             while time.monotonic() < t_end and started[0] < max_requests:
-                started[0] += 1
                 user = rng.choice(users) if rng.random() > 0.1 else f"cold-{rng.randrange(10**6)}"
                 body = {"user": user, "k": k, "mode": mode}
-                t0 = time.perf_counter()
-                try:
-                    if http is not None:
-                        r = await http.post("/v1/recommend", json=body)
-                        status, data = r.status_code, r.content
-                    else:
-                        status, data = await conn.post("/v1/recommend", body)
-                except (httpx.HTTPError, ConnectionError, OSError) as e:
-                    statuses[f"error:{type(e).__name__}"] += 1
-                    continue
-                latencies.append((time.perf_counter() - t0) * 1000)
-                statuses[str(status)] += 1
-                if status == 200:
-                    answer = json.loads(data)
-                    if answer["fallback"]:
-                        fallbacks[str(answer["fallback_reason"]).split(":")[0]] += 1
+                first = time.perf_counter()
+                # one shopper's request: sent again after Retry-After on 429/503, as urllib3's Retry does
+                while time.monotonic() < t_end and started[0] < max_requests:
+                    started[0] += 1
+                    t0 = time.perf_counter()
+                    try:
+                        if http is not None:
+                            r = await http.post("/v1/recommend", json=body)
+                            retry = r.headers.get("retry-after")
+                            status, data, wait = r.status_code, r.content, float(retry) if retry else None
+                        else:
+                            status, data, wait = await conn.post("/v1/recommend", body)
+                    except (httpx.HTTPError, ConnectionError, OSError) as e:
+                        statuses[f"error:{type(e).__name__}"] += 1
+                        break
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                    statuses[str(status)] += 1
+                    if status in (429, 503) and wait is not None:
+                        waited.append(wait)
+                        await asyncio.sleep(min(wait, max(0.0, t_end - time.monotonic())))
+                        continue
+                    if status == 200:
+                        answers.append((time.perf_counter() - first) * 1000)
+                        answer = json.loads(data)
+                        if answer["fallback"]:
+                            fallbacks[str(answer["fallback_reason"]).split(":")[0]] += 1
+                    break
         finally:
             await conn.close()
 
@@ -213,6 +230,11 @@ async def run_level(
         "model_answers": ok - sum(fallbacks.values()),
         "model_throughput_rps": round((ok - sum(fallbacks.values())) / wall, 3),
         "fallback_causes": dict(fallbacks),
+        # with overload 'reject': what a shopper waited for an answer, retries after Retry-After included
+        "answer_p50_ms": round(float(np.percentile(answers, 50)), 1) if answers else None,
+        "answer_p99_ms": round(float(np.percentile(answers, 99)), 1) if answers else None,
+        "retry_after_obeyed": len(waited),
+        "retry_after_mean_s": round(float(np.mean(waited)), 2) if waited else None,
         # the load client's own CPU per request: it shares the box with the server
         "client": client_kind,
         "client_cpu_ms_per_request": round(1000 * client_cpu_s / max(sum(statuses.values()), 1), 3),
@@ -275,6 +297,13 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=["retrieval", "score", "generate"])
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--budget", type=float, default=10.0, help="The server's request_budget_s.")
+    ap.add_argument(
+        "--overload",
+        choices=["fallback", "reject"],
+        default="fallback",
+        help="The server's overload policy past the model's capacity: the flagged retrieval answer, or 429 + "
+        "Retry-After (the clients wait as told, then send the same request again).",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="Server worker processes (each loads the index and model).")
     ap.add_argument(
@@ -299,7 +328,12 @@ def main() -> None:
     with open_store(args.home / "shoprec.db", create=False) as store:
         users = store.users()
         counts = store.counts()
-    config = {"allow_anonymous_local": True, "request_budget_s": args.budget, "llm_backend": "transformers"}
+    config = {
+        "allow_anonymous_local": True,
+        "request_budget_s": args.budget,
+        "llm_backend": "transformers",
+        "overload": args.overload,
+    }
     proc, url = start_server(args.home, config, args.out.with_suffix(".server.log"), args.workers)
     levels = []
     try:
