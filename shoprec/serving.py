@@ -3,15 +3,20 @@
 Concurrent recommend requests that need the model wait in one queue. A single worker thread (the model is one
 CPU- or GPU-bound resource) takes the oldest request, waits `wait_s` for others with the same key (same adapter and
 generator settings) to arrive, and runs them as ONE `Recommender.recommend_batch` call: the backend scores and
-decodes them together, so 16 concurrent shoppers cost far less than 16 sequential calls.
+decodes them together. On a GPU that makes 16 concurrent shoppers cost about one call; on a CPU a call costs close
+to its size (prefill is compute-bound), and the queue's job is mostly to keep the model busy without waste.
 
-Bounds, so that nothing hangs and nothing queues forever:
+Bounds, so that nothing hangs, nothing queues forever and the model's work is not wasted:
 - the queue holds at most `max_queue` requests; one more raises `Overloaded` at once (the caller answers with the
-  retrieval fallback or 503 + Retry-After); so does a request that could not be answered within its budget given
-  the work queued ahead of it (batch times are measured), instead of waiting out its whole budget;
+  retrieval fallback or 429 + Retry-After); so does a request that could not be answered within `ADMIT_SHARE` of
+  its budget given the work queued ahead of it (a `CostModel` fitted on the calls so far), instead of waiting out
+  its whole budget;
+- a batch is cut to what can finish before its most urgent member's deadline (with the same margin), and a queued
+  request that can no longer be answered in time even alone leaves with `BudgetExceeded` before a model call is
+  spent on it; while nothing is known yet, a call holds one request;
 - every request carries a deadline; the model call of a batch gets the time left to its most urgent request as its
-  `timeout_s` (the recommender then falls back by itself), a request whose deadline passed while queued is dropped
-  with `BudgetExceeded`, and the caller stops waiting at the deadline whatever the worker is doing.
+  `timeout_s` (the recommender then falls back by itself), and the caller stops waiting at the deadline whatever
+  the worker is doing.
 """
 
 from __future__ import annotations
@@ -47,6 +52,54 @@ class Overloaded(Exception):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class CostModel:
+    """Seconds of a model call on n requests, `fixed + n * per_request`, fitted over recent calls.
+
+    Exponentially weighted least squares (the last ~10 calls count): on a GPU a call costs about the same whatever
+    its size (`per_request` ~0), on a CPU close to n times one request (`fixed` ~0: prefill is compute-bound). Why
+    a fit: the previous estimate, max(a recent call's time, n x a recent request's share), priced ONE request at a
+    whole batch's time on a CPU (7 s where one takes 2.5 s), so requests that could still have been answered alone
+    were sent to their fallback. While recent calls all had about the same size there is nothing to fit: the cost
+    is then taken as proportional to n (a CPU's; on a GPU it over-estimates big batches until sizes vary)."""
+
+    DECAY = 0.9
+
+    def __init__(self) -> None:
+        self._w = self._n = self._nn = self._y = self._ny = 0.0
+
+    @property
+    def known(self) -> bool:
+        return self._w > 0
+
+    def observe(self, n: int, seconds: float) -> None:
+        d = self.DECAY
+        self._w, self._n, self._nn = d * self._w + 1, d * self._n + n, d * self._nn + n * n
+        self._y, self._ny = d * self._y + seconds, d * self._ny + n * seconds
+
+    def terms(self) -> tuple[float, float]:
+        """(fixed, per_request) seconds, both >= 0."""
+        mean_n, mean_y = self._n / self._w, self._y / self._w
+        var = self._nn / self._w - mean_n * mean_n
+        if var < 0.25:  # about one size: proportional
+            return 0.0, mean_y / max(mean_n, 1e-9)
+        per = max(0.0, (self._ny / self._w - mean_n * mean_y) / var)
+        fixed = mean_y - per * mean_n
+        if fixed < 0:  # the best line through the origin instead
+            return 0.0, self._ny / self._nn
+        return fixed, per
+
+    def cost(self, n: int) -> float:
+        fixed, per = self.terms()
+        return fixed + n * per
+
+    def most_within(self, seconds: float) -> int:
+        """The most requests one call can hold and still finish within `seconds` (at least 1)."""
+        fixed, per = self.terms()
+        if per <= 0:
+            return 1 << 30
+        return max(1, int((seconds - fixed) / per))
 
 
 class BudgetExceeded(Exception):
@@ -104,11 +157,9 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # Recent batches' wall time and wall time per request (moving averages; None until the first batch): what
-        # admission, the batch size and Retry-After estimate from. `_busy_since`/`_busy_n`: when the running batch
-        # started and its size (None/0 while idle).
-        self._batch_s: float | None = None
-        self._item_s: float | None = None
+        # What a call costs, fitted over recent calls: what admission, the batch size and Retry-After estimate from.
+        # `_busy_since`/`_busy_n`: when the running batch started and its size (None/0 while idle).
+        self.costs = CostModel()
         self._busy_since: float | None = None
         self._busy_n = 0
 
@@ -162,24 +213,16 @@ class Batcher:
         except TimeoutError:
             raise BudgetExceeded(f"no model answer within the {budget_s:.1f} s budget") from None
 
-    def _cost_s(self, n: int) -> float:
-        """Expected seconds of a model call on n requests: at least a recent batch's time, and at least n times a
-        recent request's share. Why both: on a GPU a batch costs about the same whatever its size (the first term);
-        on a CPU it costs close to n times one request (prefill is compute-bound: a batch of 8 score prompts took
-        ~6x one here), and a batch sized by the first term alone ran past every member's budget."""
-        assert self._batch_s is not None and self._item_s is not None
-        return max(self._batch_s, n * self._item_s)
-
     def expected_wait_s(self, depth: int) -> float:
         """Seconds until a request queued behind `depth` others would have its answer: what is left of the
         running batch plus the calls for the requests ahead and its own. 0 while nothing is known."""
-        if self._batch_s is None:
+        if not self.costs.known:
             return 0.0  # no batch has run yet: admit, and learn
         busy_left = 0.0
         if self._busy_since is not None:
-            busy_left = max(0.0, self._cost_s(self._busy_n) - (time.monotonic() - self._busy_since))
+            busy_left = max(0.0, self.costs.cost(self._busy_n) - (time.monotonic() - self._busy_since))
         full, rest = divmod(depth + 1, max(self.max_batch, 1))
-        return busy_left + full * self._cost_s(self.max_batch) + (self._cost_s(rest) if rest else 0.0)
+        return busy_left + full * self.costs.cost(self.max_batch) + (self.costs.cost(rest) if rest else 0.0)
 
     # ---------------------------------------------------------------- the worker
     def _work(self) -> None:
@@ -205,8 +248,8 @@ class Batcher:
                 self._cond.wait(left)
             # a request that can no longer be answered in time, even alone, leaves now for its fallback: running
             # it would spend a model call on an answer nobody waits for
-            if self._item_s is not None:
-                now, alone = time.monotonic(), self._cost_s(1)
+            if self.costs.known:
+                now, alone = time.monotonic(), self.costs.cost(1)
                 late = [job for job in self._pending if not job.probe and job.deadline - now < alone]
                 for job in late:
                     self._pending.remove(job)
@@ -220,11 +263,14 @@ class Batcher:
                     self._on_depth(0)
                     return []
                 first = self._pending[0]
-            # no bigger than what can finish before the most urgent member's deadline: on a CPU a batch's time
-            # grows with its size, and a batch that overruns answers none of its requests in time
-            size = self.max_batch
-            if self._item_s is not None:
-                size = max(1, min(size, int((first.deadline - time.monotonic()) / self._item_s)))
+            # no bigger than what can finish before the most urgent member's deadline, with the admission's margin:
+            # on a CPU a batch's time grows with its size, and a batch that overruns answers none of its requests
+            # and while nothing is known, a call of one request: it teaches the costs (a first call of 9 requests
+            # took 23 s on this CPU, past every member's budget)
+            size = 1
+            if self.costs.known:
+                left = ADMIT_SHARE * (first.deadline - time.monotonic())
+                size = min(self.max_batch, self.costs.most_within(left))
             batch: list[_Job] = []
             keep: deque[_Job] = deque()
             for job in self._pending:
@@ -275,9 +321,7 @@ class Batcher:
         seconds = time.monotonic() - t0
         # the estimates first, then the answers: a caller answered now may submit again at once, and must be
         # judged by this batch's time too (it was not, when the answers went first: a test caught the race)
-        item = seconds / len(batch)
-        self._batch_s = seconds if self._batch_s is None else 0.7 * self._batch_s + 0.3 * seconds
-        self._item_s = item if self._item_s is None else 0.7 * self._item_s + 0.3 * item
+        self.costs.observe(len(batch), seconds)
         self._busy_since, self._busy_n = None, 0
         if failed is not None:
             batch[0].settle(error=failed)

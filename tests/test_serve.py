@@ -76,11 +76,26 @@ def test_concurrent_requests_become_one_batch_and_each_gets_its_own_answer(model
     b = Batcher(model, max_queue=64, max_batch=16, wait_s=0.05)
     b.start()
     try:
+        run(b, ["learn"])
         out = run(b, [f"u{i}" for i in range(10)])
     finally:
         b.stop()
     assert [r.picks[0].item_id for r in out] == [f"u{i}" for i in range(10)]  # type: ignore[attr-defined]
-    assert len(model.batches) == 1 and len(model.batches[0][1]) == 10
+    assert len(model.batches) == 2 and len(model.batches[1][1]) == 10
+
+
+def test_while_nothing_is_known_a_call_holds_one_request() -> None:
+    # a cold server's first call teaches the costs: on the 2-core box a first batch of 9 score requests took 23 s,
+    # past every member's 10 s budget (all 9 model answers wasted); one request first, then batches sized to fit
+    model = ScriptedModel(delay_s=0.1)
+    b = Batcher(model, max_queue=64, max_batch=16, wait_s=0.05)
+    b.start()
+    try:
+        out = run(b, [f"u{i}" for i in range(6)])
+    finally:
+        b.stop()
+    assert all(isinstance(r, Recommendation) for r in out)
+    assert [len(users) for _, users, _ in model.batches] == [1, 5]
 
 
 def test_batches_hold_one_key_and_at_most_max_batch(model: ScriptedModel) -> None:
@@ -215,6 +230,27 @@ def test_an_idle_model_is_tried_even_when_batches_were_slower_than_the_budget() 
         b.stop()
     assert isinstance(out[0], BudgetExceeded)  # it did not make it this time...
     assert [users for _, users, _ in slow.batches] == [["learn"], ["probe"]]  # ...but the model was asked
+
+
+def test_the_cost_model_fits_a_cpu_a_gpu_and_one_size() -> None:
+    from shoprec.serving import CostModel
+
+    cpu, gpu, one = CostModel(), CostModel(), CostModel()
+    assert not cpu.known
+    for n in (1, 3, 2, 4, 1, 3):
+        cpu.observe(n, 2.5 * n)  # each request costs its share: prefill is compute-bound
+        gpu.observe(n, 1.0 + 0.01 * n)  # about one call's time whatever the size
+        one.observe(1, 2.4)
+    assert cpu.cost(1) == pytest.approx(2.5) and cpu.cost(4) == pytest.approx(10.0)
+    assert cpu.most_within(6.0) == 2 and cpu.most_within(1.0) == 1  # at least one
+    assert gpu.cost(1) == pytest.approx(1.01) and gpu.cost(16) == pytest.approx(1.16)
+    assert gpu.most_within(2.0) > 16
+    # one batch size only: nothing to fit, the cost is taken as proportional (never one request at a batch's time)
+    assert one.cost(1) == pytest.approx(2.4) and one.cost(3) == pytest.approx(7.2)
+    big = CostModel()
+    for _ in range(5):
+        big.observe(4, 9.6)
+    assert big.cost(1) == pytest.approx(2.4)  # the old estimate said 9.6 s: max(a batch's time, ...)
 
 
 def test_admission_keeps_a_share_of_the_budget_in_hand() -> None:

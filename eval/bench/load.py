@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -157,6 +158,7 @@ async def run_level(
     waited: list[float] = []  # Retry-After values obeyed, s
     statuses: Counter[str] = Counter()
     fallbacks: Counter[str] = Counter()
+    details: Counter[str] = Counter()
     started = [0]
     t_end = time.monotonic() + duration_s
     parsed = urllib.parse.urlsplit(url)
@@ -193,7 +195,11 @@ async def run_level(
                         answers.append((time.perf_counter() - first) * 1000)
                         answer = json.loads(data)
                         if answer["fallback"]:
-                            fallbacks[str(answer["fallback_reason"]).split(":")[0]] += 1
+                            reason = str(answer["fallback_reason"])
+                            fallbacks[reason.split(":")[0]] += 1
+                            # the numbers out: "no model answer within the N s budget" (the model's work wasted) vs
+                            # "the budget would run out before the model's answer" (no model call spent)
+                            details[re.sub(r"\d+(\.\d+)?", "N", reason)[:120]] += 1
                     break
         finally:
             await conn.close()
@@ -230,6 +236,7 @@ async def run_level(
         "model_answers": ok - sum(fallbacks.values()),
         "model_throughput_rps": round((ok - sum(fallbacks.values())) / wall, 3),
         "fallback_causes": dict(fallbacks),
+        "fallback_reasons": dict(details.most_common(8)),
         # with overload 'reject': what a shopper waited for an answer, retries after Retry-After included
         "answer_p50_ms": round(float(np.percentile(answers, 50)), 1) if answers else None,
         "answer_p99_ms": round(float(np.percentile(answers, 99)), 1) if answers else None,
