@@ -44,6 +44,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from eval.bench import cpu_facts
+
 LEVELS = (1, 4, 16, 64)
 MODES = ("retrieval", "score")
 
@@ -389,6 +391,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            **cpu_facts(),
             "shared_box": "yes: other work may run at the same time; see loadavg per level",
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (torch picks)"),
             "note": args.note,

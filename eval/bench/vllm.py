@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from eval.bench import cpu_facts
 from generator.backends import Backend, make_backend
 from generator.constraints import CategoryConstraint, check_picks
 from generator.recommender import GeneratorConfig, Recommender
@@ -245,6 +246,7 @@ def machine(device: str) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        **cpu_facts(),
         "torch": torch.__version__,
         "device": device,
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
