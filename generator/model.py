@@ -89,17 +89,26 @@ def embedded_gguf_path(name: str = "SmolLM2-135M-Instruct") -> Path:
     raise FileNotFoundError(f"{filename} not found in package {package!r} ({list(spec.submodule_search_locations)})")
 
 
-def cpu_supports_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX-BF16); fp32 is faster elsewhere."""
+def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
+    """The CPU's model name and flags from /proc/cpuinfo (the first processor's); ("", {}) where it cannot be read."""
     try:
-        text = Path(cpuinfo).read_text()
-    except OSError:  # not Linux: be conservative
-        return False
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux
+        return "", frozenset()
+    model, flags = "", frozenset[str]()
     for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = frozenset(value.split())
+    return model, flags
+
+
+def cpu_supports_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX-BF16); fp32 is faster elsewhere (and where
+    the flags cannot be read: be conservative)."""
+    return bool(cpu_info(cpuinfo)[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_dtype(dtype: DType = "auto") -> Literal["bfloat16", "float32"]:

@@ -250,23 +250,25 @@ class Batcher:
             # it would spend a model call on an answer nobody waits for
             if self.costs.known:
                 now, alone = time.monotonic(), self.costs.cost(1)
-                late = [job for job in self._pending if not job.probe and job.deadline - now < alone]
-                for job in late:
-                    self._pending.remove(job)
+                in_time: deque[_Job] = deque()
+                for job in self._pending:
+                    if job.probe or job.deadline - now >= alone:
+                        in_time.append(job)
+                        continue
                     job.settle(
                         error=BudgetExceeded(
                             f"the budget would run out before the model's answer ({job.deadline - now:.1f} s left, "
                             f"a model call takes about {alone:.1f} s)"
                         )
                     )
+                self._pending = in_time
                 if not self._pending:
                     self._on_depth(0)
                     return []
                 first = self._pending[0]
-            # no bigger than what can finish before the most urgent member's deadline, with the admission's margin:
-            # on a CPU a batch's time grows with its size, and a batch that overruns answers none of its requests
-            # and while nothing is known, a call of one request: it teaches the costs (a first call of 9 requests
-            # took 23 s on this CPU, past every member's budget)
+            # No bigger than what can finish before the most urgent member's deadline, with the admission's margin
+            # (on a CPU a batch's time grows with its size, and a batch that overruns answers none of its requests);
+            # while nothing is known, one request: it teaches the costs (a cold first call of 9 took 23 s here).
             size = 1
             if self.costs.known:
                 left = ADMIT_SHARE * (first.deadline - time.monotonic())

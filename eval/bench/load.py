@@ -126,13 +126,13 @@ class _Connection:
             raise ConnectionError(f"the server closed the connection: {e}") from None
         lines = raw.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
-        headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
-        length = {k.strip().lower(): v.strip() for k, v in headers.items()}.get("content-length")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+        length = headers.get("content-length")
         if length is None:
             await self.close()
             raise ConnectionError("a response without Content-Length (chunked?): this client does not read those")
         data = await self.reader.readexactly(int(length))
-        retry_after = {k.strip().lower(): v.strip() for k, v in headers.items()}.get("retry-after")
+        retry_after = headers.get("retry-after")
         return status, data, float(retry_after) if retry_after else None
 
     async def close(self) -> None:
