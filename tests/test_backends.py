@@ -152,7 +152,8 @@ def test_generate_is_deterministic(backend: Backend, request: pytest.FixtureRequ
 
 def test_timeout_ends_with_reason_timeout(backend: Backend, request: pytest.FixtureRequest) -> None:
     tok = backend.tokenizer
-    never_done = ScriptedController([tok.encode("A")[0]], 10**9)
+    # two allowed tokens: every step is the model's choice (a forced token costs no step, see test_jump_forward...)
+    never_done = ScriptedController([tok.encode("A")[0], tok.encode("B")[0]], 10**9)
     (out,) = backend.generate([_prompt(backend, "x")], [never_done], max_new_tokens=50, timeout_s=0.0)
     # the loop backends check the deadline after each step; an engine aborts at it (maybe before any token)
     fewest = 0 if request.node.callspec.params["backend"] in ENGINES else 1
@@ -347,6 +348,60 @@ def test_a_left_padded_prefill_attends_per_row_as_sdpa_does() -> None:
     torch.testing.assert_close(got[1, 8:], want[1, 8:], atol=1e-5, rtol=1e-5)
 
 
+def test_shared_prefix_attention_equals_attention_over_prefix_and_own_tokens() -> None:
+    """Rows continuing a cached prefix read it in place, one matrix product per prefix: the result must be SDPA's
+    over [prefix | own tokens], for a short prefill with left pads, a decoding step, and the implicit-causal case."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from generator.backends import transformers_backend as tb
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3  # type: ignore[assignment]
+    lengths = [9, 5]  # two prefixes: rows 0-1 continue the first, row 2 the second
+    prefixes = [[(torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8))] for n in lengths]
+    shared = tb.SharedPrefix(prefixes, [0, 0, 1])
+    assert shared.runs == [(0, 2, 0), (2, 3, 1)]
+    q, k, v = torch.randn(3, 6, 4, 8), torch.randn(3, 2, 4, 8), torch.randn(3, 2, 4, 8)
+    own = torch.ones(3, 1, 4, 4, dtype=torch.bool).tril()
+    own[1, :, :, :2] = False  # row 1's own part is left-padded by two
+    for query, m in ((q, own), (q[:, :, -1:], own[:, :, -1:]), (q, None)):
+        got = tb._shared_prefix_attention(query, k, v, m, shared, 0, 0.3)
+        for row, g in enumerate(shared.group):
+            pk, pv = prefixes[g][0]
+            keys, values = torch.cat([pk, k[row : row + 1]], dim=2), torch.cat([pv, v[row : row + 1]], dim=2)
+            n, width = lengths[g], query.shape[2]
+            full = torch.ones(1, 1, width, n + 4, dtype=torch.bool)
+            full[..., n:] = (
+                m[row : row + 1] if m is not None else torch.ones(width, 4, dtype=torch.bool).tril(4 - width)
+            )
+            want, _ = sdpa_attention_forward(module, query[row : row + 1], keys, values, full, scaling=0.3)
+            real = slice(2, None) if (row == 1 and m is not None and width > 1) else slice(None)  # pads: prefix only
+            torch.testing.assert_close(got[row : row + 1, real], want[:, real], atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(got).all()  # a pad query sees none of its own keys: it reads its prefix, no NaN
+    assert shared.select([0, 2]).runs == [(0, 1, 0), (1, 2, 1)]
+    with pytest.raises(ValueError, match="must not decrease"):
+        tb.SharedPrefix(prefixes, [1, 0])
+
+
+def test_greedy_over_allowed_tokens_scores_only_those() -> None:
+    """A constrained row's choice from the head's allowed rows equals the choice over the whole masked vocabulary."""
+    import torch
+
+    from generator.backends.transformers_backend import _Last
+
+    torch.manual_seed(0)
+    hidden, head = torch.randn(3, 16), torch.randn(50, 16)
+    allowed = [torch.tensor([3, 7, 9]), torch.tensor([42]), torch.tensor([9, 0, 31, 7])]
+    full = torch.nn.functional.linear(hidden, head)
+    want = [int(a[full[i, a].argmax()]) for i, a in enumerate(allowed)]
+    last = _Last(hidden, head)
+    assert last.greedy(allowed) == want
+    assert last.full is None  # the whole vocabulary was never scored
+    assert _Last(hidden, head).greedy([allowed[0], None, allowed[2]]) == [want[0], int(full[1].argmax()), want[2]]
+
+
 @pytest.mark.slow
 def test_prefix_cache_changes_cost_not_results() -> None:
     """Reason rows that extend a scored prompt reuse its cached states, and decode exactly what they would alone."""
@@ -370,9 +425,59 @@ def test_prefix_cache_changes_cost_not_results() -> None:
     reused = cache.stats["reused_tokens"] - before["reused_tokens"]
     computed = cache.stats["computed_tokens"] - before["computed_tokens"]
     assert reused >= 0.9 * sum(len(tok.encode(r)) for r in rows) and computed <= 3 * 6
+    assert cache.stats["read_in_place"] - before["read_in_place"] == len(rows)  # no row copied its prefix
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     for g, w in zip(got_scores, want_scores, strict=True):
         np.testing.assert_allclose(g, w, atol=TOLERANCE["transformers"])
+
+
+class _SpansController:
+    """Forces `script`'s single tokens and lets the model choose where a step lists several; done after the script."""
+
+    def __init__(self, script: Sequence[Sequence[int]]) -> None:
+        self.script = script
+
+    def allowed(self, generated: Sequence[int]) -> Sequence[int]:
+        return self.script[len(generated)]
+
+    def done(self, generated: Sequence[int]) -> bool:
+        return len(generated) >= len(self.script)
+
+
+@pytest.mark.slow
+def test_jump_forward_skips_forced_tokens_and_changes_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forced tokens are appended without a decoding step each, then fed to the model together before its next
+    choice: the output is the step-by-step one, in fewer model calls (rows of different forced lengths, one batch)."""
+    backend = real_backend()
+    tok = backend.tokenizer
+    a, b, c, d = (tok.encode(x)[0] for x in (" apple", " banana", " cherry", " date"))
+    scripts = [
+        [[a], [b], [c], [a, b, c], [d], [a, b]],  # 3 forced, a choice, 1 forced, a choice
+        [[a, d], [c], [b], [a], [b, c]],  # a choice, 3 forced, a choice
+        [[d], [d], [d], [d]],  # all forced: no decoding step at all
+    ]
+    prompts = [_prompt(backend, t) for t in PROMPTS]
+    calls: list[tuple[int, ...]] = []
+    forward = backend._forward  # type: ignore[attr-defined]
+
+    def counted(input_ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(tuple(input_ids.shape))
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "_forward", counted)
+    got = {}
+    with one_torch_thread():
+        for jump in (False, True):
+            monkeypatch.setattr(backend, "jump_forward", jump)
+            calls.clear()
+            got[jump] = backend.generate(prompts, [_SpansController(x) for x in scripts], max_new_tokens=10)
+            got[jump, "calls"] = list(calls)
+    assert [o.token_ids for o in got[True]] == [o.token_ids for o in got[False]]
+    assert [o.finish_reason for o in got[True]] == ["stop"] * 3
+    assert len(got[False, "calls"]) == 1 + 6  # the prefill, then one step per token of the longest row
+    # the prefill; row 0's 3 forced tokens beside row 1's choice and its 3 forced ones (row 2 ended without a step);
+    # row 0's choice and its forced token
+    assert got[True, "calls"][1:] == [(2, 4), (1, 2)]
 
 
 def test_batches_are_split_by_prompt_tokens() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -100,23 +100,62 @@ class _Constrainer:
             return t
         return torch.tensor(list(allowed), dtype=torch.long, device=device)
 
-    def apply(
-        self, scores: torch.Tensor, controllers: Sequence[TokenController | None], generated: Sequence[list[int]]
-    ) -> torch.Tensor:
-        """`scores` [rows, vocab] masked in place for each row's controller, given the ids it generated so far."""
-        for row, (controller, ids) in enumerate(zip(controllers, generated, strict=True)):
-            if controller is None:
-                continue
-            allowed = [self.eos] if controller.done(ids) else controller.allowed(ids)
-            if allowed is None:
-                continue
-            if len(allowed) == 0:
+    def allowed(
+        self, controllers: Sequence[TokenController | None], generated: Sequence[list[int]], device: torch.device
+    ) -> list[torch.Tensor | None]:
+        """Each row's allowed next token ids given the ids it generated so far (None: any token)."""
+        out: list[torch.Tensor | None] = []
+        for controller, ids in zip(controllers, generated, strict=True):
+            allowed = None if controller is None else [self.eos] if controller.done(ids) else controller.allowed(ids)
+            if allowed is not None and len(allowed) == 0:
+                assert controller is not None
                 raise RuntimeError(f"{type(controller).__name__} allowed no token after {len(ids)} tokens")
-            idx = self._index(allowed, scores.device)
-            keep = scores[row, idx]
-            scores[row] = float("-inf")
-            scores[row, idx] = keep
-        return scores
+            out.append(None if allowed is None else self._index(allowed, device))
+        return out
+
+
+@dataclass
+class _Last:
+    """The last position's output of a forward pass, scored by the output head on demand.
+
+    With the float32 head (`TransformersBackend._forward`), `hidden` is kept and `greedy` scores only the tokens the
+    rows may choose: a constrained reason row allows a handful of the 49k tokens, and the whole head cost 21 ms a
+    decoding step for 20 rows against ~1 ms for their allowed tokens (this 2-core box). Each token's logit is the
+    same dot product either way; `logits` computes the whole vocabulary when it is needed (label scoring)."""
+
+    hidden: torch.Tensor | None  # [rows, hidden] float32, with `head`
+    head: torch.Tensor | None  # [vocab, hidden] float32
+    full: torch.Tensor | None = None  # [rows, vocab] float32
+
+    def logits(self) -> torch.Tensor:
+        if self.full is None:
+            assert self.hidden is not None and self.head is not None
+            self.full = torch.nn.functional.linear(self.hidden, self.head)
+        return self.full
+
+    def greedy(self, allowed: Sequence[torch.Tensor | None]) -> list[int]:
+        """Each row's highest-scoring token among its allowed ones (None: any); ties go to the lowest id."""
+        subset = self.full is None and self.hidden is not None and self.head is not None
+        if subset and all(a is not None for a in allowed):
+            ids = torch.cat([a for a in allowed if a is not None])
+            union, where = torch.unique(ids, return_inverse=True)  # sorted: ties still go to the lowest id
+            assert self.hidden is not None and self.head is not None
+            sub = torch.nn.functional.linear(self.hidden, self.head[union])  # [rows, |union|]
+            scores = torch.full_like(sub, float("-inf"))
+            start = 0
+            for row, a in enumerate(allowed):
+                assert a is not None
+                cols = where[start : start + len(a)]
+                scores[row, cols] = sub[row, cols]
+                start += len(a)
+            return union[scores.argmax(dim=-1)].tolist()  # type: ignore[no-any-return]
+        scores = self.logits().clone()
+        for row, a in enumerate(allowed):
+            if a is not None:
+                keep = scores[row, a]
+                scores[row] = float("-inf")
+                scores[row, a] = keep
+        return scores.argmax(dim=-1).tolist()  # type: ignore[no-any-return]
 
 
 # Decoding steps and short prefills (a reason row's few new tokens) read a long cached prefix with 1-16 queries.
@@ -126,6 +165,9 @@ class _Constrainer:
 # ~220 ms to ~40 ms. Long prefills keep SDPA's fused causal kernel.
 GROUPED_ATTENTION = "shoprec_grouped"
 MAX_GROUPED_QUERIES = 16
+# Rows whose new part (after their cached prefix) is longer than this are prefilled whole, with the prefix copied in:
+# the shared-prefix attention scores a row's own tokens with an explicit [new x new] mask, meant for a few tokens.
+MAX_SHARED_NEW_TOKENS = 64
 
 
 def _grouped_attention(
@@ -144,6 +186,10 @@ def _grouped_attention(
     boolean [b, 1, q, L] (True = attend) or None; returns [b, q, heads, d]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    shared = kwargs.pop(SHARED_PREFIX_KWARG, None)
+    if shared is not None:
+        layer = int(module.layer_idx)  # type: ignore[arg-type]  # every transformers attention module has one
+        return _shared_prefix_attention(query, key, value, attention_mask, shared, layer, scaling), None
     b, heads, q, d = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     special = any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias"))
@@ -168,6 +214,92 @@ def _grouped_attention(
     probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b, kv_heads, group * q, length)
     out = torch.matmul(probs, value).view(b, heads, q, d)
     return out.transpose(1, 2).contiguous(), None
+
+
+SHARED_PREFIX_KWARG = "shoprec_shared_prefix"  # the model's forward hands it to the attention function of every layer
+
+
+@dataclass
+class SharedPrefix:
+    """Cached prompt prefixes that runs of consecutive batch rows continue, read in place by the attention.
+
+    Row i of the batch continues `prefixes[group[i]]` (per layer: keys, values [1, kv_heads, length, d]); the
+    batch's own key/value cache holds only the tokens after it. `group` never decreases, so a prefix's rows are
+    one run: a decoding step reads each prefix once for all its rows, as one matrix product, instead of each row
+    reading (and, in transformers' cache, re-copying at every step) its own copy (see `_shared_prefix_attention`).
+    """
+
+    prefixes: list[KV]
+    group: list[int]
+    runs: list[tuple[int, int, int]] = field(init=False)  # (first row, end row, prefix)
+
+    def __post_init__(self) -> None:
+        if any(b < a for a, b in zip(self.group, self.group[1:], strict=False)):
+            raise ValueError("SharedPrefix.group must not decrease: rows of one prefix are consecutive")
+        self.runs = []
+        for row, g in enumerate(self.group):
+            if self.runs and self.runs[-1][2] == g:
+                self.runs[-1] = (self.runs[-1][0], row + 1, g)
+            else:
+                self.runs.append((row, row + 1, g))
+
+    def select(self, rows: Sequence[int]) -> SharedPrefix:
+        """The rows `rows` (increasing), as the batch keeps them when others finish."""
+        return SharedPrefix(self.prefixes, [self.group[r] for r in rows])
+
+
+def _shared_prefix_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    shared: SharedPrefix,
+    layer: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention of each row over its shared prefix and then its own tokens, merged exactly by log-sum-exp.
+
+    query [b, heads, q, d]; key/value [b, kv_heads, S, d]: the rows' own tokens; mask a boolean [b, 1, q, S] (True =
+    attend), an additive float one, or None (causal when q > 1). Returns [b, q, heads, d]. Each part is a softmax
+    over its own keys (float32 scores, max-subtracted), combined as flash-attention combines blocks: the result is
+    the softmax over [prefix | own] keys. A query that sees none of its own keys (a left pad) sees the prefix only.
+    """
+    b, heads, q, d = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    gq = group * q
+    scale = scaling if scaling is not None else d**-0.5
+    qs = query.reshape(b, kv_heads, gq, d)  # head h = kv * group + j, the order of transformers' repeat_kv
+    own = torch.matmul(qs, key.transpose(-1, -2)).float() * scale  # [b, kv, gq, S]
+    own = own.view(b, kv_heads, group, q, length)
+    if mask is not None:
+        visible = mask[:, :, None, -q:, :]
+        own = own.masked_fill(~visible, float("-inf")) if mask.dtype == torch.bool else own + visible.float()
+    elif q > 1:  # transformers' "no mask" with several queries: causal over the own tokens
+        causal = torch.ones((q, length), dtype=torch.bool, device=query.device).tril(length - q)
+        own = own.masked_fill(~causal, float("-inf"))
+    own = own.view(b, kv_heads, gq, length)
+    # a fully masked query (a pad) gets weight 0 here instead of NaN, and so reads its prefix only
+    own_max = own.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+    own_p = torch.exp(own - own_max)
+    own_sum = own_p.sum(-1, keepdim=True)
+    own_out = torch.matmul(own_p.to(value.dtype), value).float()  # unnormalised, [b, kv, gq, d]
+    out = torch.empty((b, kv_heads, gq, d), dtype=torch.float32, device=query.device)
+    for start, end, g in shared.runs:
+        pk, pv = shared.prefixes[g][layer]
+        n = end - start
+        # all rows of the run as one matrix: [kv, n * gq, d] against the prefix's [kv, L, d]
+        rows_q = qs[start:end].transpose(0, 1).reshape(kv_heads, n * gq, d)
+        scores = torch.matmul(rows_q, pk[0].transpose(-1, -2)).float() * scale
+        top = scores.amax(-1, keepdim=True)
+        p = torch.exp(scores - top)
+        total = p.sum(-1, keepdim=True).view(kv_heads, n, gq, 1).transpose(0, 1)
+        part = torch.matmul(p.to(pv.dtype), pv[0]).float().view(kv_heads, n, gq, d).transpose(0, 1)
+        top = top.view(kv_heads, n, gq, 1).transpose(0, 1)
+        both = torch.maximum(top, own_max[start:end])
+        a, a_own = torch.exp(top - both), torch.exp(own_max[start:end] - both)
+        out[start:end] = (part * a + own_out[start:end] * a_own) / (total * a + own_sum[start:end] * a_own)
+    return out.to(query.dtype).view(b, heads, q, d).transpose(1, 2).contiguous()
 
 
 def _left_padded_starts(mask: torch.Tensor | None, q: int, length: int) -> list[int] | None:
@@ -239,7 +371,8 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[int, ...], tuple[npt.NDArray[np.int64], KV, int]] = OrderedDict()
         self._bytes = 0
-        self.stats = {"lookups": 0, "hits": 0, "reused_tokens": 0, "computed_tokens": 0}
+        # read_in_place: decoded rows that read their cached prefix in place (`SharedPrefix`), not a copy of it
+        self.stats = {"lookups": 0, "hits": 0, "reused_tokens": 0, "computed_tokens": 0, "read_in_place": 0}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -299,7 +432,7 @@ class PrefixCache:
 class _Batch:
     """A prefilled batch: the next-token logits and what decoding continues from (see `_prefill` for the layout)."""
 
-    logits: torch.Tensor  # [rows, vocab] float32, the last position's
+    last: _Last  # the last position's output (next-token logits)
     cache: Any  # DynamicCache over [cached prefix | new tokens]
     mask: torch.Tensor  # [rows, cached + width]
     last_position: torch.Tensor  # [rows]
@@ -307,9 +440,12 @@ class _Batch:
     reused: list[int]  # c_i: cached tokens row i reused
     width: int  # W: the longest new part
     new: list[int]  # new tokens of row i
+    shared: SharedPrefix | None = None  # set: `cache` holds only the new tokens, the prefixes are read in place
 
     def row_states(self, i: int) -> KV:
         """Row i's keys and values without its pads: what the prompt alone would have cached."""
+        if self.shared is not None:
+            raise ValueError("row_states needs a batch whose cache holds the whole prompts (not a shared-prefix one)")
         t, c, w, n = self.cached, self.reused[i], self.width, self.new[i]
         out = []
         for layer in self.cache.layers:
@@ -331,7 +467,8 @@ class TransformersBackend:
     'auto' (cuda when available). A LoRA adapter named in the spec is loaded with peft and merged.
     `prefix_cache_mb`: budget of the `PrefixCache` of scored prompts (0: none). `max_batch_tokens`: most prompt
     tokens in one forward batch (a longer list of prompts runs as several batches; 16k tokens of SmolLM2 hold
-    ~370 MB of keys and values).
+    ~370 MB of keys and values). `jump_forward`: tokens a controller forces are appended without a decoding step
+    each (`_jump_forward`; False decodes them one by one, with the same result).
     """
 
     def __init__(
@@ -343,6 +480,7 @@ class TransformersBackend:
         cache_dir: str | None = None,
         prefix_cache_mb: float = 256,
         max_batch_tokens: int = 16384,
+        jump_forward: bool = True,
     ) -> None:
         spec = ModelSpec(model=model_spec) if isinstance(model_spec, str) else (model_spec or ModelSpec())
         self.spec = spec
@@ -382,6 +520,7 @@ class TransformersBackend:
         # 256 MB hold ~10 SmolLM2 prompts of 1,100 tokens (23 KB of bf16 keys and values per token); 0 turns it off.
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.max_batch_tokens = max_batch_tokens
+        self.jump_forward = jump_forward
         self.load_s = time.perf_counter() - t0
 
     @classmethod
@@ -405,12 +544,19 @@ class TransformersBackend:
         self._head_decided = False
         self.prefix_cache = None  # the caller may change the weights (training): cached states would go stale
         self.max_batch_tokens = 16384
+        self.jump_forward = True
         self.load_s = 0.0
         return self
 
     @property
     def tokenizer(self) -> HFTokenizer:
         return self._tokenizer
+
+    @property
+    def _shares_prefixes(self) -> bool:
+        """True where decoding reads cached prefixes in place: a prefix cache and our attention function."""
+        attn = getattr(self.model.config, "_attn_implementation", None)
+        return self.prefix_cache is not None and attn == GROUPED_ATTENTION
 
     @property
     def prefix_caching(self) -> bool:
@@ -436,7 +582,7 @@ class TransformersBackend:
         for chunk in _chunks([len(r) for r in rows], budget):
             with torch.inference_mode():
                 state = self._prefill([rows[i] for i in chunk])
-                logp = torch.log_softmax(state.logits, dim=-1)
+                logp = torch.log_softmax(state.last.logits(), dim=-1)
                 if self.prefix_cache is not None and not all(type(x) is DynamicLayer for x in state.cache.layers):
                     self.prefix_cache = None  # sliding-window or hybrid layers: a prefix's states are not plain keys
                 if self.prefix_cache is not None:
@@ -446,14 +592,19 @@ class TransformersBackend:
             self.prefix_cache.store(states)
         return out
 
-    def _prefill(self, rows: Sequence[Sequence[int]]) -> _Batch:
-        """One forward pass over the prompts `rows` (token ids), reusing each row's longest cached prefix.
+    def _lookup(self, rows: Sequence[Sequence[int]]) -> list[tuple[KV | None, int]]:
+        """Each row's longest cached prefix (states, length); (None, 0) for every row without a prefix cache."""
+        return [self.prefix_cache.lookup(r) if self.prefix_cache is not None else (None, 0) for r in rows]
+
+    def _prefill(self, rows: Sequence[Sequence[int]], hits: Sequence[tuple[KV | None, int]] | None = None) -> _Batch:
+        """One forward pass over the prompts `rows` (token ids), reusing each row's longest cached prefix (`hits`,
+        looked up here when not given).
 
         Layout of row i in the batch (T = the longest cached prefix used, W = the longest remaining part):
         [pad .. | cached prefix c_i][pad .. | new tokens]. Pads are masked out and positions count real tokens
         only, so each row computes exactly what it would alone; cached states carry their positions already.
         """
-        hits = [self.prefix_cache.lookup(r) if self.prefix_cache is not None else (None, 0) for r in rows]
+        hits = list(hits) if hits is not None else self._lookup(rows)
         n, dev = len(rows), self.device
         reused = [c for _, c in hits]
         t = max(reused)
@@ -480,10 +631,10 @@ class TransformersBackend:
                         v[i, :, t - c :] = kv[layer][1][0, :, :c]
                 data.append((k, v))
             past = DynamicCache(ddp_cache_data=data)
-        logits, cache = self._forward(input_ids.to(dev), mask.to(dev), positions.to(dev), past)
+        last, cache = self._forward(input_ids.to(dev), mask.to(dev), positions.to(dev), past)
         lengths = [len(x) for x in new]
         return _Batch(
-            logits=logits,
+            last=last,
             cache=cache,
             mask=mask.to(dev),
             last_position=positions[:, -1].to(dev),
@@ -493,22 +644,71 @@ class TransformersBackend:
             new=lengths,
         )
 
+    def _prefill_shared(self, rows: Sequence[Sequence[int]], hits: Sequence[tuple[KV | None, int]]) -> _Batch:
+        """A forward pass over the new tokens of `rows` only, each row continuing its cached prefix in place.
+
+        Every row has a hit, and rows of one prefix are consecutive (see `SharedPrefix`). Layout of row i:
+        [pad .. | new tokens], positions counting on from its prefix; the batch's cache holds the new tokens."""
+        prefixes: list[KV] = []
+        group: list[int] = []
+        seen: tuple[int, int] | None = None
+        for kv, c in hits:
+            assert kv is not None and c > 0, "_prefill_shared needs a cached prefix for every row"
+            if (id(kv), c) != seen:
+                full = kv[0][0].shape[2] == c
+                # a part of an entry is copied out once: a strided view was copied by every matrix product
+                prefixes.append(kv if full else [(k[:, :, :c].contiguous(), v[:, :, :c].contiguous()) for k, v in kv])
+                seen = (id(kv), c)
+            group.append(len(prefixes) - 1)
+        reused = [c for _, c in hits]
+        new = [list(r[c:]) for r, c in zip(rows, reused, strict=True)]
+        n, w = len(rows), max(len(x) for x in new)
+        input_ids = torch.full((n, w), self._hf_tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((n, w), dtype=torch.long)
+        for i, x in enumerate(new):
+            input_ids[i, w - len(x) :] = torch.tensor(x, dtype=torch.long)
+            mask[i, w - len(x) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor(reused)[:, None]
+        shared = SharedPrefix(prefixes, group)
+        dev = self.device
+        last, cache = self._forward(input_ids.to(dev), mask.to(dev), positions.to(dev), DynamicCache(), shared)
+        return _Batch(
+            last=last,
+            cache=cache,
+            mask=mask.to(dev),
+            last_position=positions[:, -1].to(dev),
+            cached=0,
+            reused=reused,
+            width=w,
+            new=[len(x) for x in new],
+            shared=shared,
+        )
+
     def _forward(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: Any
-    ) -> tuple[torch.Tensor, Any]:
-        """float32 logits of the last position and the grown key/value cache.
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        past: Any,
+        shared: SharedPrefix | None = None,
+    ) -> tuple[_Last, Any]:
+        """The last position's output (float32 logits on demand) and the grown key/value cache (`shared`: the
+        prefixes the rows continue, read by `_shared_prefix_attention`; `mask` and `past` then cover the rows' own
+        tokens).
 
         In bf16 the output head rounds logits of magnitude ~10-20 to steps of 0.06-0.125, which ties labels; so,
         for plain linear heads, the head runs in float32 on the last hidden state instead (a cached float32 copy
         of the head; the body stays bf16)."""
         kwargs = {"attention_mask": mask, "position_ids": positions, "past_key_values": past, "use_cache": True}
+        if shared is not None:
+            kwargs[SHARED_PREFIX_KWARG] = shared
         head = self._fp32_head()
         if head is None:
             # logits_to_keep=1: only the last position's logits are computed.
             out = self.model(input_ids=input_ids, logits_to_keep=1, **kwargs)
-            return out.logits[:, -1, :].float(), out.past_key_values
+            return _Last(None, None, out.logits[:, -1, :].float()), out.past_key_values
         out = self.model.base_model(input_ids=input_ids, **kwargs)
-        return torch.nn.functional.linear(out.last_hidden_state[:, -1, :].float(), head), out.past_key_values
+        return _Last(out.last_hidden_state[:, -1, :].float(), head), out.past_key_values
 
     def _fp32_head(self) -> torch.Tensor | None:
         if not self._head_decided:
@@ -545,11 +745,34 @@ class TransformersBackend:
         generated: list[list[int]] = [[] for _ in prompts]
         finish: list[FinishReason] = ["timeout"] * len(prompts)  # rows of batches the deadline never reached
         constrainer = _Constrainer(self._tokenizer.eos_token_id)
-        for chunk in _chunks([len(r) for r in rows], self.max_batch_tokens):
-            if chunk[0] > 0 and deadline is not None and time.monotonic() >= deadline:
+        hits = self._lookup(rows)
+        order = list(range(len(rows)))
+        shared = self._shares_prefixes and all(kv is not None for kv, _ in hits)
+        if shared:
+            # Rows of one cached prompt share its first min(c_i) tokens (a pick's first new token may merge with the
+            # prompt's last ones) and sit side by side; a row then weighs only its new tokens.
+            common: dict[int, int] = {}
+            for kv, c in hits:
+                common[id(kv)] = min(c, common.get(id(kv), c))
+            hits = [(kv, common[id(kv)]) for kv, _ in hits]
+            shared = all(len(r) - c <= MAX_SHARED_NEW_TOKENS for r, (_, c) in zip(rows, hits, strict=True))
+        if shared:
+            order.sort(key=lambda i: id(hits[i][0]))
+            assert self.prefix_cache is not None
+            self.prefix_cache.stats["read_in_place"] += len(rows)
+        weights = [len(rows[i]) - hits[i][1] if shared else len(rows[i]) for i in order]
+        for part in _chunks(weights, self.max_batch_tokens):
+            chunk = [order[j] for j in part]
+            if part[0] > 0 and deadline is not None and time.monotonic() >= deadline:
                 break
             got = self._decode(
-                [rows[i] for i in chunk], [slots[i] for i in chunk], constrainer, max_new_tokens, deadline
+                [rows[i] for i in chunk],
+                [slots[i] for i in chunk],
+                constrainer,
+                max_new_tokens,
+                deadline,
+                [hits[i] for i in chunk],
+                shared,
             )
             for i, (ids, why) in zip(chunk, got, strict=True):
                 generated[i], finish[i] = ids, why
@@ -565,26 +788,38 @@ class TransformersBackend:
         constrainer: _Constrainer,
         max_new_tokens: int,
         deadline: float | None,
+        hits: Sequence[tuple[KV | None, int]],
+        shared: bool,
     ) -> list[tuple[list[int], FinishReason]]:
-        """Greedy continuation of one batch of prompts (token ids)."""
+        """Greedy continuation of one batch of prompts (token ids) with their cached prefixes `hits`; `shared`: read
+        the prefixes in place (every row has one, and rows of one prefix are consecutive)."""
         eos = self._tokenizer.eos_token_id
         generated: list[list[int]] = [[] for _ in rows]
         finish: list[FinishReason] = ["length"] * len(rows)
         with torch.inference_mode():
-            state = self._prefill(rows)
-            logits, cache, mask, position = state.logits, state.cache, state.mask, state.last_position
+            state = self._prefill_shared(rows, hits) if shared else self._prefill(rows, hits)
+            last, cache, mask, position = state.last, state.cache, state.mask, state.last_position
+            prefixes = state.shared
             active = list(range(len(rows)))  # batch row j decodes prompt active[j]
-            for step in range(max_new_tokens):
-                scores = constrainer.apply(logits, [slots[r] for r in active], [generated[r] for r in active])
-                chosen = scores.argmax(dim=-1).tolist()
-                keep = []
+            for _ in range(max_new_tokens):  # every pass adds at least one token to every row it keeps
+                allowed = constrainer.allowed([slots[r] for r in active], [generated[r] for r in active], self.device)
+                chosen = last.greedy(allowed)
+                keep, feed = [], []  # the rows that go on, and the tokens each feeds the model next
                 for j, (r, token) in enumerate(zip(active, chosen, strict=True)):
                     if token == eos:
                         finish[r] = "stop"
-                    else:
-                        generated[r].append(token)
-                        keep.append(j)
-                if not keep or step == max_new_tokens - 1:
+                        continue
+                    fed = len(generated[r])
+                    generated[r].append(token)
+                    ended = _jump_forward(slots[r], generated[r], eos, max_new_tokens) if self.jump_forward else None
+                    if ended is None and len(generated[r]) >= max_new_tokens:
+                        ended = "length"
+                    if ended is not None:
+                        finish[r] = ended
+                        continue
+                    keep.append(j)
+                    feed.append(generated[r][fed:])
+                if not keep:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     for j in keep:
@@ -594,13 +829,42 @@ class TransformersBackend:
                     index = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(index)
                     mask, position = mask[index], position[index]
+                    prefixes = prefixes.select(keep) if prefixes is not None else None
                     active = [active[j] for j in keep]
-                    chosen = [chosen[j] for j in keep]
-                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-                position = position + 1
-                tokens = torch.tensor(chosen, dtype=torch.long, device=self.device)[:, None]
-                logits, cache = self._forward(tokens, mask, position[:, None], cache)
+                # Each row feeds its new tokens (the chosen one and any forced after it), left-padded to the widest.
+                w = max(len(f) for f in feed)
+                tokens = torch.full((len(feed), w), self._hf_tok.pad_token_id, dtype=torch.long)
+                fresh = torch.zeros((len(feed), w), dtype=mask.dtype)
+                steps = torch.zeros((len(feed), w), dtype=torch.long)
+                for i, f in enumerate(feed):
+                    tokens[i, w - len(f) :] = torch.tensor(f, dtype=torch.long)
+                    fresh[i, w - len(f) :] = 1
+                    steps[i, w - len(f) :] = torch.arange(1, len(f) + 1)
+                steps = steps.to(self.device)
+                mask = torch.cat([mask, fresh.to(self.device)], dim=1)
+                last, cache = self._forward(tokens.to(self.device), mask, position[:, None] + steps, cache, prefixes)
+                position = position + steps[:, -1]
         return list(zip(generated, finish, strict=True))
+
+
+def _jump_forward(controller: TokenController | None, ids: list[int], eos: int, limit: int) -> FinishReason | None:
+    """Append to `ids` the tokens `controller` forces next (one allowed token each), without the model; the finish
+    reason when the row ends that way, None when a real choice is left for the model.
+
+    Greedy decoding picks a forced token whatever the logits, so skipping its model call changes nothing but the
+    cost (SGLang's jump-forward decoding). A grounded reason is one of a few known sentences: its first token picks
+    the sentence and every later one is forced (221 of 238 decoding steps for 20 reason rows, measured)."""
+    if controller is None:
+        return None
+    while len(ids) < limit:
+        allowed = [eos] if controller.done(ids) else controller.allowed(ids)
+        if allowed is None or len(allowed) != 1:
+            return None
+        token = int(allowed[0])
+        if token == eos:
+            return "stop"
+        ids.append(token)
+    return "length"
 
 
 def _chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
