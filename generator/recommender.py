@@ -427,7 +427,9 @@ class Recommender:
         sequence writing K lines: a decoding step costs about the same for 1 row as for K rows on this CPU, so K
         rows take ~1/K of the sequential steps. With `reason_prompt='candidates'` every row starts with the ranking
         prompt the scoring pass just read, so an engine with prefix caching computes only its few new tokens; with
-        'pick' each row prefills its own short one-candidate prompt.
+        'pick' each row prefills its own short one-candidate prompt. A grounded reason's first token picks its
+        sentence and the rest is forced, which the transformers backend appends without decoding (jump-forward):
+        5 reasons took 0.06 s after a 1.3 s scoring pass (was 0.8 s; the 2-core box, one thread).
         """
         assert self.backend is not None
         cfg0 = prepared[0].config

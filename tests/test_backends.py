@@ -348,6 +348,31 @@ def test_a_left_padded_prefill_attends_per_row_as_sdpa_does() -> None:
     torch.testing.assert_close(got[1, 8:], want[1, 8:], atol=1e-5, rtol=1e-5)
 
 
+def test_blocked_causal_attention_is_as_close_to_float32_as_sdpa_in_bf16() -> None:
+    """A bf16 prefill attends in blocks of queries (faster than SDPA's causal kernel on a CPU): its outputs must be as
+    close to a float32 reference as SDPA's own bf16 outputs, for a length that is not a multiple of the block."""
+    import torch
+
+    from generator.backends import transformers_backend as tb
+
+    torch.manual_seed(0)
+    n = 3 * tb.CAUSAL_BLOCK + 7
+    q, k, v = torch.randn(6, n, 8) * 3, torch.randn(2, n, 8) * 3, torch.randn(2, n, 8)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    want = sdpa(q, k.repeat_interleave(3, 0), v.repeat_interleave(3, 0), is_causal=True, scale=0.3).transpose(0, 1)
+    got = tb._blocked_causal(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3)
+    assert got.dtype == torch.bfloat16 and got.shape == (n, 6, 8)
+    bf16 = sdpa(
+        q.bfloat16(),
+        k.repeat_interleave(3, 0).bfloat16(),
+        v.repeat_interleave(3, 0).bfloat16(),
+        is_causal=True,
+        scale=0.3,
+    ).transpose(0, 1)
+    sdpa_error = (bf16.float() - want).abs().max().item()
+    assert (got.float() - want).abs().max().item() <= 2 * sdpa_error
+
+
 def test_shared_prefix_attention_equals_attention_over_prefix_and_own_tokens() -> None:
     """Rows continuing a cached prefix read it in place, one matrix product per prefix: the result must be SDPA's
     over [prefix | own tokens], for a short prefill with left pads, a decoding step, and the implicit-causal case."""

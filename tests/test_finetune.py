@@ -323,7 +323,7 @@ def test_two_step_run_on_the_demo_catalog_saves_and_reloads(small_shop, split, t
 
     from finetune.export import export
     from finetune.train import TrainConfig, load_trainable, prepare_validation, train
-    from generator.backends.transformers_backend import TransformersBackend
+    from generator.backends.transformers_backend import TransformersBackend, _use_grouped_attention
     from generator.model import ModelSpec, resolve_model_path
 
     cfg = TrainConfig(max_steps=2, batch_size=2, grad_accum=1, eval_every=2, rank=4, alpha=8, dropout=0.0, lr=1e-3)
@@ -369,6 +369,9 @@ def test_two_step_run_on_the_demo_catalog_saves_and_reloads(small_shop, split, t
 
     prompts = [valid.prepared[0].prompt + "1. ("]
     labels = [[v.label for v in valid.prepared[0].views]]
+    # the served backend's CPU attention (a bf16 prefill attends in blocks, see _blocked_causal) on the trained
+    # weights too: the same computation on both sides, so a lost or different adapter cannot hide in bf16 noise
+    _use_grouped_attention(model)
     here = rec.backend.label_logprobs(prompts, labels)[0]
     served = TransformersBackend(ModelSpec(adapter=str(out), merge_adapter=False), num_threads=1)
     again = served.label_logprobs(prompts, labels)[0]
