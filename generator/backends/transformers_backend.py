@@ -779,7 +779,9 @@ class TransformersBackend:
         timeout_s: float | None = None,
     ) -> list[GenerationOutput]:
         """Greedy decoding in batches of at most `max_batch_tokens` prompt tokens (rows are independent, so the
-        split changes memory, not results); rows that finish leave their batch."""
+        split changes memory, not results); rows that finish leave their batch. When every row continues a cached
+        prompt (score mode's reason rows) and our attention runs, the rows read it in place (`SharedPrefix`) and
+        weigh only their new tokens."""
         slots = validate_generate_args(prompts, controllers, max_new_tokens, timeout_s)
         if not prompts:
             return []
