@@ -24,6 +24,7 @@ import gc
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -952,9 +953,15 @@ def create_app(settings: Settings, *, routers: Sequence[APIRouter] = ()) -> Fast
         await run_in_threadpool(_load, state)
         state.cpu = anyio.CapacityLimiter(settings.cpu_threads)
         syncer = asyncio.create_task(_sync_loop(state))
+        switch = sys.getswitchinterval()
+        if settings.llm_backend in ("transformers", "fake"):  # the model runs in this process
+            # The model thread needs the GIL between its tensor ops; at Python's 5 ms switch interval it waited
+            # behind the request threads for each (past capacity, with fallbacks to serve: 1/3 of its throughput).
+            sys.setswitchinterval(settings.gil_switch_ms / 1000)
         try:
             yield
         finally:
+            sys.setswitchinterval(switch)  # process-wide: an app started inside another process leaves it as found
             syncer.cancel()
             if state.batcher is not None:
                 await run_in_threadpool(state.batcher.stop)

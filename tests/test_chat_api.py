@@ -186,3 +186,19 @@ def test_page_is_served_and_escapes_catalog_text(client):
 def test_web_files_exist():
     web = Path(__file__).resolve().parents[1] / "shoprec" / "chat" / "web"
     assert {p.name for p in web.iterdir()} >= {"index.html", "chat.js", "chat.css"}
+
+
+def test_a_process_running_the_model_switches_threads_faster_and_restores_the_interval(client) -> None:
+    """The model thread takes the GIL back between its tensor ops: a serving process that runs the model uses
+    `gil_switch_ms` instead of Python's 5 ms, and an app started inside another process leaves it as it found it."""
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from shoprec.api import create_app
+
+    settings = client.shoprec_core.settings.model_copy(update={"gil_switch_ms": 0.25})
+    before = sys.getswitchinterval()
+    with TestClient(create_app(settings)):
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+    assert sys.getswitchinterval() == before
