@@ -955,8 +955,10 @@ def create_app(settings: Settings, *, routers: Sequence[APIRouter] = ()) -> Fast
         syncer = asyncio.create_task(_sync_loop(state))
         switch = sys.getswitchinterval()
         if settings.llm_backend in ("transformers", "fake"):  # the model runs in this process
-            # The model thread needs the GIL between its tensor ops; at Python's 5 ms switch interval it waited
-            # behind the request threads for each (past capacity, with fallbacks to serve: 1/3 of its throughput).
+            # Past capacity, with fallbacks to serve, 16 clients: 0.59 -> 0.89-0.91 model answers/s at 0.5 ms (the
+            # model thread takes the GIL back between its tensor ops). Shortening it only during model calls did not
+            # help (eval/results/load-score-fallback-gil-scoped.json): why is not settled, so it holds for the life
+            # of the app.
             sys.setswitchinterval(settings.gil_switch_ms / 1000)
         try:
             yield

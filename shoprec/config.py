@@ -96,7 +96,7 @@ class Settings(BaseModel):
         le=100,
         description="Python's thread switch interval (ms) in a server process that runs the model itself: the model "
         "thread takes the GIL back between its ~750 tensor ops per prompt, and at Python's 5 ms it waited behind "
-        "request threads (16 clients past capacity: 0.59 -> 0.91 model answers/s at 0.5 ms, retrieval -7%).",
+        "request threads (16 clients past capacity: 0.59 -> 0.89-0.91 model answers/s at 0.5 ms, retrieval -7%).",
     )
     overload: Literal["fallback", "reject"] = Field(
         default="fallback",
