@@ -5,9 +5,10 @@ over HTTP in tests/test_api.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -44,6 +45,16 @@ class ScriptedModel:
         ]
 
 
+@contextlib.contextmanager
+def started(batcher: Batcher) -> Iterator[Batcher]:
+    """The batcher's worker running for the block, stopped after it whatever happens."""
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        batcher.stop()
+
+
 def run(batcher: Batcher, users: Sequence[str], *, key: Hashable = "k", budget_s: float = 5.0) -> list[object]:
     return timed_run(batcher, users, key=key, budget_s=budget_s)[0]
 
@@ -74,12 +85,9 @@ def model() -> ScriptedModel:
 
 def test_concurrent_requests_become_one_batch_and_each_gets_its_own_answer(model: ScriptedModel) -> None:
     b = Batcher(model, max_queue=64, max_batch=16, wait_s=0.05)
-    b.start()
-    try:
+    with started(b):
         run(b, ["learn"])
         out = run(b, [f"u{i}" for i in range(10)])
-    finally:
-        b.stop()
     assert [r.picks[0].item_id for r in out] == [f"u{i}" for i in range(10)]  # type: ignore[attr-defined]
     assert len(model.batches) == 2 and len(model.batches[1][1]) == 10
 
@@ -89,18 +97,14 @@ def test_while_nothing_is_known_a_call_holds_one_request() -> None:
     # past every member's 10 s budget (all 9 model answers wasted); one request first, then batches sized to fit
     model = ScriptedModel(delay_s=0.1)
     b = Batcher(model, max_queue=64, max_batch=16, wait_s=0.05)
-    b.start()
-    try:
+    with started(b):
         out = run(b, [f"u{i}" for i in range(6)])
-    finally:
-        b.stop()
     assert all(isinstance(r, Recommendation) for r in out)
     assert [len(users) for _, users, _ in model.batches] == [1, 5]
 
 
 def test_batches_hold_one_key_and_at_most_max_batch(model: ScriptedModel) -> None:
     b = Batcher(model, max_queue=64, max_batch=4, wait_s=0.05)
-    b.start()
 
     async def go() -> None:
         cfg = GeneratorConfig()
@@ -110,10 +114,8 @@ def test_batches_hold_one_key_and_at_most_max_batch(model: ScriptedModel) -> Non
         ]
         await asyncio.gather(*jobs)
 
-    try:
+    with started(b):
         asyncio.run(go())
-    finally:
-        b.stop()
     assert all(len(users) <= 4 for _, users, _ in model.batches)
     for key, users, _ in model.batches:
         assert all((int(u[1:]) % 2 == 1) == (key == "score") for u in users)
@@ -123,13 +125,10 @@ def test_batches_hold_one_key_and_at_most_max_batch(model: ScriptedModel) -> Non
 def test_a_full_queue_raises_overloaded_at_once() -> None:
     slow = ScriptedModel(delay_s=0.5)
     b = Batcher(slow, max_queue=2, max_batch=1, wait_s=0.0)
-    b.start()
-    try:
+    with started(b):
         t0 = time.monotonic()
         out = run(b, [f"u{i}" for i in range(6)])
         took = time.monotonic() - t0
-    finally:
-        b.stop()
     overloaded = [r for r in out if isinstance(r, Overloaded)]
     assert overloaded and all(r.retry_after_s >= 1.0 for r in overloaded)
     assert any(isinstance(r, Recommendation) for r in out)
@@ -139,13 +138,10 @@ def test_a_full_queue_raises_overloaded_at_once() -> None:
 def test_the_budget_bounds_the_wait_and_the_model_gets_the_time_left() -> None:
     slow = ScriptedModel(delay_s=1.0)
     b = Batcher(slow, max_queue=8, max_batch=1, wait_s=0.0)
-    b.start()
-    try:
+    with started(b):
         t0 = time.monotonic()
         out = run(b, ["first", "second"], budget_s=0.6)
         took = time.monotonic() - t0
-    finally:
-        b.stop()
     assert all(isinstance(r, BudgetExceeded) for r in out)
     assert took < 0.9  # the caller stops waiting at its deadline, whatever the worker does
     assert slow.batches[0][2] <= 0.6  # the model call was given the budget as its timeout
@@ -154,12 +150,9 @@ def test_the_budget_bounds_the_wait_and_the_model_gets_the_time_left() -> None:
 def test_a_request_that_cannot_make_its_budget_is_refused_at_once() -> None:
     slow = ScriptedModel(delay_s=0.5)
     b = Batcher(slow, max_queue=8, max_batch=1, wait_s=0.0)
-    b.start()
-    try:
+    with started(b):
         run(b, ["learn"])  # the first batch teaches the batcher how long a batch takes
         out, took = timed_run(b, ["a", "b", "c"], budget_s=0.8)  # one fits (0.5 s), the ones behind it cannot
-    finally:
-        b.stop()
     assert isinstance(out[0], Recommendation)
     assert all(isinstance(r, Overloaded) and "busy" in str(r) for r in out[1:])
     # refused at once: long before the admitted one's 0.5 s of model time, not after waiting out the budget
@@ -187,12 +180,9 @@ def test_when_a_batch_costs_its_size_admission_and_batches_fit_the_budget() -> N
     cannot fit are refused at once and the ones admitted are answered."""
     cpu = LinearModel(per_request_s=0.1)
     b = Batcher(cpu, max_queue=32, max_batch=16, wait_s=0.02)
-    b.start()
-    try:
+    with started(b):
         run(b, ["learn"])  # one request: 0.1 s
         out = run(b, [f"u{i}" for i in range(8)], budget_s=0.55)
-    finally:
-        b.stop()
     answered = [r for r in out if isinstance(r, Recommendation)]
     refused = [r for r in out if isinstance(r, Overloaded)]
     assert len(answered) >= 2 and len(refused) >= 3, out
@@ -210,11 +200,8 @@ def test_the_model_is_busy_from_the_moment_a_batch_leaves_the_queue() -> None:
             seen.append(b.idle)
 
     b = Batcher(ScriptedModel(delay_s=0.05), max_queue=8, max_batch=1, wait_s=0.0, on_depth=on_depth)
-    b.start()
-    try:
+    with started(b):
         run(b, ["a", "b"])
-    finally:
-        b.stop()
     assert seen and not any(seen)
     assert b.idle
 
@@ -222,12 +209,9 @@ def test_the_model_is_busy_from_the_moment_a_batch_leaves_the_queue() -> None:
 def test_an_idle_model_is_tried_even_when_batches_were_slower_than_the_budget() -> None:
     slow = ScriptedModel(delay_s=0.4)
     b = Batcher(slow, max_queue=8, max_batch=1, wait_s=0.0)
-    b.start()
-    try:
+    with started(b):
         run(b, ["learn"])  # batches take 0.4 s
         out = run(b, ["probe"], budget_s=0.3)  # over budget by the estimate, but the model is idle: try it
-    finally:
-        b.stop()
     assert isinstance(out[0], BudgetExceeded)  # it did not make it this time...
     assert [users for _, users, _ in slow.batches] == [["learn"], ["probe"]]  # ...but the model was asked
 
@@ -258,12 +242,9 @@ def test_admission_keeps_a_share_of_the_budget_in_hand() -> None:
     # would be wasted; admission asks for room within ADMIT_SHARE of the budget
     slow = ScriptedModel(delay_s=0.5)
     b = Batcher(slow, max_queue=8, max_batch=1, wait_s=0.0)
-    b.start()
-    try:
+    with started(b):
         run(b, ["learn"])
         out = run(b, ["a", "b"], budget_s=1.1)  # b: ~1.0 s of work ahead and its own, > 0.8 x 1.1 s
-    finally:
-        b.stop()
     assert isinstance(out[0], Recommendation)
     assert isinstance(out[1], Overloaded) and out[1].retry_after_s >= 1.0
     assert [users for _, users, _ in slow.batches] == [["learn"], ["a"]]
@@ -274,13 +255,10 @@ def test_a_request_that_can_no_longer_make_it_leaves_without_a_model_call() -> N
     # call takes, and gets its fallback at once instead of a model call whose answer would come too late
     model = ScriptedModel(delay_s=0.2)
     b = Batcher(model, max_queue=8, max_batch=1, wait_s=0.0)
-    b.start()
-    try:
+    with started(b):
         run(b, ["learn"])
         model.delay_s = 1.0
         out = run(b, ["a", "b"], budget_s=1.2)
-    finally:
-        b.stop()
     assert isinstance(out[0], Recommendation)
     assert isinstance(out[1], BudgetExceeded) and "would run out" in str(out[1])
     assert [users for _, users, _ in model.batches] == [["learn"], ["a"]]
@@ -288,11 +266,8 @@ def test_a_request_that_can_no_longer_make_it_leaves_without_a_model_call() -> N
 
 def test_one_failing_request_does_not_fail_its_batch(model: ScriptedModel) -> None:
     b = Batcher(model, max_queue=8, max_batch=8, wait_s=0.05)
-    b.start()
-    try:
+    with started(b):
         out = run(b, ["a", "boom", "c"])
-    finally:
-        b.stop()
     assert isinstance(out[1], ValueError)
     assert [r.picks[0].item_id for r in (out[0], out[2])] == ["a", "c"]  # type: ignore[attr-defined]
 
